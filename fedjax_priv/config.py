@@ -1,0 +1,231 @@
+"""Experiment configuration: TOML files, `--set key=value` overrides, validation.
+
+A config is a tree of frozen dataclasses, one per TOML table. Every value is
+checked by `validate` before anything is built or compiled, and every error
+names the offending key, e.g. "privacy.noise_multiplier must be >= 0, got -1".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+  """A config value or key is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  dataset: str = "digits"           # digits (scikit-learn's, embedded)
+  num_clients: int = 10
+  partition: str = "dirichlet"      # dirichlet (label skew, Hsu et al. 2019) | iid
+  dirichlet_alpha: float = 0.5
+  test_fraction: float = 0.2
+  seed: int = 0                     # seed of the split and the partition
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  name: str = "mlp"                 # logistic_regression | mlp | cnn
+  hidden: tuple[int, ...] = (64,)   # mlp widths
+  conv_impl: str = "auto"           # cnn: auto | xla | patches
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+  optimizer: str = "sgd"            # sgd | momentum | adam
+  learning_rate: float = 0.1
+  local_steps: int = 10
+  batch_size: int = 16              # expected batch b under example-level DP
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+  optimizer: str = "sgd"            # sgd (FedAvg at lr 1) | momentum | adam | yogi | adagrad
+  learning_rate: float = 1.0
+  schedule: str = "constant"        # constant | cosine (decays to 0 over simulation.rounds)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+  unit: str = "none"                # none | user (DP-FedAvg) | example (DP-SGD in clients)
+  clip_norm: float = 1.0
+  noise_multiplier: float = 1.0
+  target_epsilon: float = 0.0       # > 0: calibrate noise_multiplier to reach it
+  delta: float = 1e-5
+  accountant: str = "rdp"           # rdp | pld
+  weighting: str = "num_examples"   # non-private mean: num_examples | uniform
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+  backend: str = "chunked"          # vmap | chunked | loop
+  client_chunk_size: int = 64
+  rounds: int = 100
+  cohort_size: int = 10             # expected cohort size under poisson sampling
+  sampling: str = "fixed"           # fixed (uniform w/o replacement) | poisson
+  seed: int = 0
+  eval_every: int = 10
+  checkpoint_every: int = 0         # 0: only at the end
+  data_on_device: bool = True       # population kept on the device as padded arrays
+
+
+@dataclass(frozen=True)
+class Config:
+  data: DataConfig = field(default_factory=DataConfig)
+  model: ModelConfig = field(default_factory=ModelConfig)
+  client: ClientConfig = field(default_factory=ClientConfig)
+  server: ServerConfig = field(default_factory=ServerConfig)
+  privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+  simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+CHOICES = {
+    "data.dataset": ("digits",),
+    "data.partition": ("dirichlet", "iid"),
+    "model.name": ("logistic_regression", "mlp", "cnn"),
+    "model.conv_impl": ("auto", "xla", "patches"),
+    "client.optimizer": ("sgd", "momentum", "adam"),
+    "server.optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
+    "server.schedule": ("constant", "cosine"),
+    "privacy.unit": ("none", "user", "example"),
+    "privacy.accountant": ("rdp", "pld"),
+    "privacy.weighting": ("num_examples", "uniform"),
+    "simulation.backend": ("vmap", "chunked", "loop"),
+    "simulation.sampling": ("fixed", "poisson"),
+}
+POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
+            "client.local_steps", "client.batch_size", "server.learning_rate",
+            "privacy.clip_norm", "simulation.client_chunk_size", "simulation.rounds",
+            "simulation.cohort_size", "simulation.eval_every")
+NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon",
+                "simulation.checkpoint_every", "simulation.seed", "data.seed")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+  """Converts a TOML value to the field's type, or raises naming the key."""
+  if get_origin(annotation) is tuple:
+    (item_type, _) = get_args(annotation)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key} must be a list, got {value!r}")
+    return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+  if annotation is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+  if annotation is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return value
+  if annotation is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+  if not isinstance(value, str):
+    raise ConfigError(f"{key} must be a string, got {value!r}")
+  return value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+  """Builds a validated Config from nested dicts (as read from TOML)."""
+  sections = {}
+  for section in dataclasses.fields(Config):
+    values = raw.get(section.name, {})
+    if not isinstance(values, dict):
+      raise ConfigError(f"[{section.name}] must be a table, got {values!r}")
+    cls = section.default_factory
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+      if name not in known:
+        raise ConfigError(f"unknown config key '{section.name}.{name}' "
+                          f"(keys of [{section.name}]: {', '.join(sorted(known))})")
+    sections[section.name] = cls(**{
+        name: _coerce(f"{section.name}.{name}", value, hints[name])
+        for name, value in values.items()})
+  for name in raw:
+    if name not in sections:
+      raise ConfigError(f"unknown config table '[{name}]' "
+                        f"(tables: {', '.join(f.name for f in dataclasses.fields(Config))})")
+  config = Config(**sections)
+  validate(config)
+  return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+  return dataclasses.asdict(config)
+
+
+def get(config: Config, key: str) -> Any:
+  section, name = key.split(".")
+  return getattr(getattr(config, section), name)
+
+
+def validate(config: Config) -> None:
+  """Raises ConfigError naming the first invalid key."""
+  for key, allowed in CHOICES.items():
+    if get(config, key) not in allowed:
+      raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {get(config, key)!r}")
+  for key in POSITIVE:
+    value = get(config, key)
+    if not (value > 0 and math.isfinite(value)):
+      raise ConfigError(f"{key} must be > 0, got {value!r}")
+  for key in NON_NEGATIVE:
+    value = get(config, key)
+    if not (value >= 0 and math.isfinite(value)):
+      raise ConfigError(f"{key} must be >= 0, got {value!r}")
+  if any(width < 1 for width in config.model.hidden):
+    raise ConfigError(f"model.hidden widths must be >= 1, got {list(config.model.hidden)}")
+  if not 0 < config.data.test_fraction < 1:
+    raise ConfigError(f"data.test_fraction must be in (0, 1), got {config.data.test_fraction!r}")
+  if not 0 < config.privacy.delta < 1:
+    raise ConfigError(f"privacy.delta must be in (0, 1), got {config.privacy.delta!r}")
+  if config.simulation.cohort_size > config.data.num_clients:
+    raise ConfigError(f"simulation.cohort_size ({config.simulation.cohort_size}) must be <= "
+                      f"data.num_clients ({config.data.num_clients})")
+  if config.privacy.unit == "none" and config.privacy.target_epsilon > 0:
+    raise ConfigError("privacy.target_epsilon needs privacy.unit = user or example, got none")
+  if (config.privacy.unit == "user" and config.privacy.accountant == "pld"
+      and config.simulation.sampling == "fixed"
+      and config.simulation.cohort_size < config.data.num_clients):
+    raise ConfigError("privacy.accountant = pld cannot account fixed-size cohorts "
+                      "(sampling without replacement); use rdp or simulation.sampling = poisson")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """Parses 'section.key=value'; the value is read as TOML, else as a string."""
+  if "=" not in text:
+    raise ConfigError(f"--set expects key=value, got {text!r}")
+  key, value = (part.strip() for part in text.split("=", 1))
+  if key.count(".") != 1:
+    raise ConfigError(f"--set key must look like section.name, got {key!r}")
+  try:
+    parsed = tomllib.loads(f"v = {value}")["v"]
+  except tomllib.TOMLDecodeError:
+    parsed = value
+  return key, parsed
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Reads a TOML config (or the defaults), applies overrides, validates."""
+  raw: dict[str, Any] = {}
+  if path is not None:
+    try:
+      raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+      raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+      raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+  for text in overrides:
+    key, value = parse_override(text)
+    section, name = key.split(".")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+      raise ConfigError(f"[{section}] must be a table")
+    raw[section][name] = value
+  return from_dict(raw)

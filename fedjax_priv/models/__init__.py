@@ -1,0 +1,9 @@
+"""Models as pure `init`/`apply` pairs, and adapters from Flax."""
+
+from fedjax_priv.models.model import Model, evaluate, example_losses, from_linen, from_nnx
+from fedjax_priv.models.zoo import cnn, logistic_regression, mlp
+
+__all__ = [
+    "Model", "cnn", "evaluate", "example_losses", "from_linen", "from_nnx",
+    "logistic_regression", "mlp",
+]

@@ -1,0 +1,112 @@
+"""The models the experiments use: logistic regression, an MLP and a small CNN.
+
+All take images or feature vectors of any shape and flatten where needed, so one
+dataset format (e.g. digits as [n, 8, 8, 1]) feeds every model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fedjax_priv.models.model import Model, from_linen
+
+CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
+
+
+class _MLP(nn.Module):
+  hidden: tuple[int, ...]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
+  """Multinomial logistic regression on the flattened input."""
+  return from_linen(_MLP((), num_classes), input_shape, num_classes)
+
+
+def mlp(input_shape: Sequence[int], num_classes: int,
+        hidden: Sequence[int] = (200, 200)) -> Model:
+  """ReLU multi-layer perceptron; `hidden` lists the widths of the hidden layers."""
+  if any(int(w) < 1 for w in hidden):
+    raise ValueError(f"mlp: hidden widths must be >= 1, got {tuple(hidden)}")
+  return from_linen(_MLP(tuple(int(w) for w in hidden), num_classes), input_shape, num_classes)
+
+
+class _PatchConv(nn.Module):
+  """Unpadded ("VALID") convolution computed as image patches times a dense kernel.
+
+  Under vmap over clients a convolution with per-client weights becomes a
+  grouped convolution, which XLA:CPU runs slowly; patches + matmul becomes a
+  batched matmul instead, 3-4x faster there (DESIGN.md). The parameters have
+  the same shapes as `nn.Conv`'s, so the two are interchangeable.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (*self.kernel_size, in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    patches = lax.conv_general_dilated_patches(
+        x, self.kernel_size, window_strides=(1, 1), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # conv_general_dilated_patches orders the patch axis as (in_features, kh, kw).
+    flat_kernel = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features)
+    return patches @ flat_kernel + bias
+
+
+class _CNN(nn.Module):
+  features: tuple[int, ...]
+  dense: int
+  num_classes: int
+  conv_impl: str
+
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate(self.features):
+      # Same names for both implementations, so checkpoints and params swap.
+      if self.conv_impl == "patches":
+        x = _PatchConv(width, (3, 3), name=f"Conv_{i}")(x)
+      else:
+        x = nn.Conv(width, (3, 3), padding="VALID", name=f"Conv_{i}")(x)
+      x = nn.relu(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def cnn(input_shape: Sequence[int], num_classes: int, features: Sequence[int] = (32, 64),
+        dense: int = 128, conv_impl: str = "auto") -> Model:
+  """The CNN of Reddi et al. 2021 for EMNIST: conv32-conv64-pool-dense128-dense.
+
+  Reference: Reddi et al., "Adaptive Federated Optimization", ICLR 2021
+  (dropout omitted: the engine trains deterministic models).
+
+  Args:
+    input_shape: (height, width, channels).
+    conv_impl: "xla" (lax.conv, cuDNN on GPUs), "patches" (patches + matmul,
+      faster for per-client weights on XLA:CPU) or "auto" (patches on CPU,
+      xla elsewhere).
+  """
+  if conv_impl not in CONV_IMPLEMENTATIONS:
+    raise ValueError(f"cnn: conv_impl must be one of {CONV_IMPLEMENTATIONS}, got {conv_impl!r}")
+  if len(input_shape) != 3:
+    raise ValueError(f"cnn: input_shape must be (height, width, channels), got {tuple(input_shape)}")
+  if conv_impl == "auto":
+    conv_impl = "patches" if jax.default_backend() == "cpu" else "xla"
+  module = _CNN(tuple(int(f) for f in features), int(dense), num_classes, conv_impl)
+  return from_linen(module, input_shape, num_classes)

@@ -1,0 +1,73 @@
+"""Small pytree helpers shared by the privacy, algorithm and simulation layers.
+
+Every helper works leaf-wise on arbitrary pytrees of arrays and is safe under
+`jax.jit` and `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def l2_norm(tree: PyTree) -> jax.Array:
+  """Global L2 norm of all leaves taken together, as one float32 scalar."""
+  squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
+  return jnp.sqrt(sum(squares, jnp.float32(0.0)))
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Scalar bool: True when no leaf holds a NaN or an infinity."""
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def scale(tree: PyTree, factor: jax.Array | float) -> PyTree:
+  """Multiplies every leaf by a scalar."""
+  return jax.tree.map(lambda leaf: leaf * factor, tree)
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leaf-wise `jnp.where` with a scalar predicate.
+
+  Unlike `pred * a + (1 - pred) * b`, this never propagates a NaN from the
+  branch that is not taken, which is what keeps a broken client out of a sum.
+  """
+  return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
+
+
+def weighted_sum(weights: jax.Array, stacked: PyTree) -> PyTree:
+  """Sum over the leading axis weighted by `weights`, written as a dot product.
+
+  Args:
+    weights: [K] float32.
+    stacked: pytree whose leaves have shape [K, ...].
+
+  Returns:
+    Pytree with leaves of shape [...]: sum_k weights[k] * leaf[k].
+
+  A dot product lowers to one GEMV; the broadcast-multiply-then-reduce form was
+  measured 35x slower on XLA:CPU for 20 clients x 10k parameters (DESIGN.md).
+  """
+  return jax.tree.map(
+      lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked)
+
+
+def num_parameters(tree: PyTree) -> int:
+  return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))
