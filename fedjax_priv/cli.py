@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "rounds",
                                             "wall_time_s", "compile_time_s")}, indent=2))
   if privacy["unit"] != "none":
-    print(f"privacy: ({privacy['epsilon']:.4g}, {privacy['delta_total']:.3g})-DP per "
+    epsilon = privacy["epsilon"]  # "inf" (a string in JSON) when sigma = 0.
+    epsilon = f"{epsilon:.3f}" if isinstance(epsilon, float) else epsilon
+    print(f"privacy: ({epsilon}, {privacy['delta_total']:.3g})-DP per "
           f"{privacy['unit']} ({privacy['neighbouring_relation']}), {privacy['accountant']} "
           f"accountant, noise multiplier {privacy['noise_multiplier']:.4g}")
   print(f"wrote {out}/summary.json and {out}/metrics.jsonl")

@@ -101,7 +101,26 @@ def _sampler(config: Config, num_clients: int):
   return FixedSizeSampler(num_clients, sim.cohort_size, sim.seed)
 
 
-def _privacy_plan(config: Config, train: FederatedDataset, sampler) -> PrivacyPlan:
+def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
+                    local_steps: int) -> Batching:
+  """Poisson batches for DP-SGD with a static capacity that almost never overflows.
+
+  Client i samples each example with q_i = min(1, b / n_i), fixed from its
+  (public) size n_i. Under add/remove the neighbouring client holds n_i + 1
+  examples sampled at the same q_i, so the capacity covers Binomial(n_i + 1, q_i)
+  for every client size up to an overflow probability of 1e-12 per step.
+  """
+  sizes = [int(n) for n in np.unique(client_sizes)]
+  rates = [min(1.0, expected_batch_size / n) for n in sizes]
+  capacity = max(poisson_capacity(n + 1, q, BATCH_OVERFLOW_PROBABILITY)
+                 for n, q in zip(sizes, rates))
+  overflow = max(float(poisson_overflow_probability(n + 1, q, capacity))
+                 for n, q in zip(sizes, rates))
+  return Batching(local_steps, capacity, "poisson", float(expected_batch_size), overflow)
+
+
+def _privacy_plan(config: Config, train: FederatedDataset, sampler,
+                  batching: Batching) -> PrivacyPlan:
   """The per-round event, with sigma calibrated to privacy.target_epsilon if set.
 
   Example level: the accountant charges every round to the worst-off example
@@ -127,12 +146,10 @@ def _privacy_plan(config: Config, train: FederatedDataset, sampler) -> PrivacyPl
     relation = NEIGHBOURING["user"][sampling]
   else:
     smallest = int(train.client_sizes.min())
-    if smallest == 0:
-      raise ValueError("privacy.unit = example needs every client to hold at least one example")
     # The worst-off example lives in the smallest client: its rate q = b / n is largest.
     rate = min(1.0, config.client.batch_size / smallest)
     sampling = "poisson"
-    overflow = config.client.local_steps * BATCH_OVERFLOW_PROBABILITY
+    overflow = config.client.local_steps * batching.overflow_probability
 
     def round_event(sigma):
       return accounting.example_level_event(sigma, config.client.local_steps, rate)
@@ -155,19 +172,21 @@ def build(config: Config) -> Experiment:
   num_classes = int(max(train.y.max(), y_test.max())) + 1
   model = _model(config, train.feature_shape, num_classes)
   sampler = _sampler(config, train.num_clients)
-  plan = _privacy_plan(config, train, sampler)
+  if privacy.unit == "example":
+    if int(train.client_sizes.min()) == 0:
+      raise ValueError("privacy.unit = example needs every client to hold at least one example")
+    batching = dp_sgd_batching(train.client_sizes, config.client.batch_size,
+                               config.client.local_steps)
+  else:
+    batching = Batching(config.client.local_steps, config.client.batch_size)
+  plan = _privacy_plan(config, train, sampler, batching)
 
   client_optimizer = _optimizer(config.client.optimizer, config.client.learning_rate)
   if privacy.unit == "example":
-    b = float(config.client.batch_size)
-    largest = int(train.max_client_size)
-    # Static capacity of the Poisson batch, from the client whose batch varies most.
-    capacity = poisson_capacity(largest, min(1.0, b / largest), BATCH_OVERFLOW_PROBABILITY)
-    batching = Batching(config.client.local_steps, capacity, "poisson", b)
-    client_update = make_client_update(model, client_optimizer,
-                                       ExampleDP(privacy.clip_norm, plan.noise_multiplier, b))
+    client_update = make_client_update(
+        model, client_optimizer,
+        ExampleDP(privacy.clip_norm, plan.noise_multiplier, float(config.client.batch_size)))
   else:
-    batching = Batching(config.client.local_steps, config.client.batch_size)
     client_update = make_client_update(model, client_optimizer)
 
   if privacy.unit == "user":

@@ -171,8 +171,8 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
     start, totals = extra["round"], extra["totals"]
     ledger = PrivacyLedger.from_state_dict(extra["ledger"])
     log.truncate_after(start)
-  elif not resume:
-    log.path.unlink(missing_ok=True)
+  else:
+    log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
   ckpt.write_json(out / "config.json", to_dict(config))
 
   trainer = _Trainer(exp)

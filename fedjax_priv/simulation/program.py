@@ -20,11 +20,16 @@ from fedjax_priv.simulation.round import RoundFn
 
 
 class Batching(NamedTuple):
-  """How each client's local batches are drawn (see `sample_client_batches`)."""
+  """How each client's local batches are drawn (see `sample_client_batches`).
+
+  `overflow_probability` bounds P[a Poisson batch exceeds `batch_size`] in one
+  step (0 for shuffled batches); the accountant charges it to delta.
+  """
   num_steps: int
   batch_size: int
   mode: str = "shuffle"
   expected_batch_size: float | None = None
+  overflow_probability: float = 0.0
 
 
 def cohort_to_batch(batching: Batching):
