@@ -69,6 +69,23 @@ def _sum_group(per_client, params, batch: ClientBatch, keys):
           {name: jnp.sum(value) for name, value in scalars.items()})
 
 
+def check_batch(batch: ClientBatch) -> None:
+  """Raises ValueError naming the field whose shape disagrees with [K, S, B, ...].
+
+  Shapes are static, so this runs at trace time: before anything compiles.
+  """
+  if batch.x.ndim < 3:
+    raise ValueError(f"ClientBatch.x must be [K, S, B, ...], got shape {batch.x.shape}")
+  k, s, b = batch.x.shape[:3]
+  expected = {"y": (k, s, b), "example_mask": (k, s, b), "num_examples": (k,),
+              "client_mask": (k,)}
+  for name, shape in expected.items():
+    got = tuple(getattr(batch, name).shape)
+    if got != shape:
+      raise ValueError(f"ClientBatch.{name} must have shape {shape} to match x "
+                       f"{tuple(batch.x.shape)}, got {got}")
+
+
 def _pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:
   """Pads the client axis with empty slots (client_mask 0) to a multiple of `multiple`."""
   extra = -batch.client_mask.shape[0] % multiple
@@ -123,11 +140,13 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     return slot_keys, noise_key
 
   def vmap_round(state, batch, key):
+    check_batch(batch)
     keys, noise_key = split_keys(key, batch.client_mask.shape[0])
     summed, totals = _sum_group(per_client, state.params, batch, keys)
     return _finish(state, summed, totals, noise_key, aggregator, server_optimizer)
 
   def chunked_round(state, batch, key):
+    check_batch(batch)
     batch = _pad_clients(batch, client_chunk_size)
     keys, noise_key = split_keys(key, batch.client_mask.shape[0])
     chunks = jax.tree.map(
@@ -156,6 +175,7 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
       state, summed, totals, noise_key, aggregator, server_optimizer))
 
   def loop_round(state, batch, key):
+    check_batch(batch)
     num_slots = batch.client_mask.shape[0]
     keys, noise_key = split_keys(key, num_slots)
     total = None
