@@ -63,9 +63,14 @@ def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any
     leaves = []
     for name, expected in zip(names, leaves_t):
       leaf = data[name]
-      if leaf.shape != np.shape(expected):
-        raise ValueError(f"checkpoint {path}: {name} has shape {leaf.shape}, the run expects "
-                         f"{np.shape(expected)}: was it written by another config?")
+      dtype = expected.dtype if hasattr(expected, "dtype") else np.result_type(expected)
+      if leaf.dtype.kind == "V" and leaf.dtype.itemsize == np.dtype(dtype).itemsize:
+        # npz keeps extension dtypes such as bfloat16 only as raw bytes.
+        leaf = leaf.view(dtype)
+      if leaf.shape != np.shape(expected) or leaf.dtype != dtype:
+        raise ValueError(f"checkpoint {path}: {name} has shape {leaf.shape} and dtype "
+                         f"{leaf.dtype}, the run expects shape {np.shape(expected)} and dtype "
+                         f"{np.dtype(dtype)}: was it written by another config?")
       leaves.append(leaf)
     extra = json.loads(data["extra_json"].tobytes().decode())
   return jax.tree.unflatten(treedef, leaves), extra

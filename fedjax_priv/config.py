@@ -219,8 +219,10 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
       raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
       raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
       raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    except OSError as error:
+      raise ConfigError(f"config file {path} cannot be read: {error}") from None
   for text in overrides:
     key, value = parse_override(text)
     section, name = key.split(".")

@@ -177,44 +177,61 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
 
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
-  accuracy = loss = float("nan")
   bar = tqdm(total=sim.rounds, initial=start, disable=not progress, unit="round",
              desc=f"{exp.privacy.unit}-level {sim.backend}")
+  logged = start  # The last round whose metrics line is written.
+
+  def log_evaluation(metrics, cohorts):
+    nonlocal logged
+    accuracy, loss = (float(v) for v in evaluator(state.params))
+    record = _eval_record(start, accuracy, loss, metrics, cohorts, exp, ledger, totals)
+    log.append(record)
+    logged = start
+    bar.set_postfix(acc=f"{accuracy:.3f}", eps=record.get("epsilon", "inf"))
+
+  def evaluation_due(round_index):
+    return round_index > logged and (round_index % sim.eval_every == 0 or
+                                     round_index == sim.rounds)
+
+  metrics = cohorts = None
   try:
     for end in _block_ends(start, sim.rounds, sim.eval_every, sim.checkpoint_every):
-      rounds = list(range(start, end))
-      cohorts = [exp.sampler.sample(r) for r in rounds]
-      keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in rounds])
+      cohorts = [exp.sampler.sample(r) for r in range(start, end)]
+      keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
       with _stopwatch() as times:
-        state, metrics = trainer.run(state, keys, cohorts)
+        new_state, metrics = trainer.run(state, keys, cohorts)
         metrics = jax.device_get(metrics)
+      # The ledger is charged before `state` moves on, so no checkpoint can
+      # ever hold a state that trained on rounds its ledger lacks.
+      if exp.privacy.round_event is not None:
+        for _ in range(start, end):
+          ledger.record(exp.privacy.round_event, exp.privacy.overflow_probability_per_round)
       totals["wall"] += times["wall"] - times["compile"]
       totals["compile"] += times["compile"]
       totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
-      for _ in rounds:
-        if exp.privacy.round_event is not None:
-          ledger.record(exp.privacy.round_event, exp.privacy.overflow_probability_per_round)
-      start = end
-      bar.update(len(rounds))
-      if end % sim.eval_every == 0 or end == sim.rounds:
-        accuracy, loss = (float(v) for v in evaluator(state.params))
-        record = _eval_record(end, accuracy, loss, metrics, cohorts, exp, ledger, totals)
-        log.append(record)
-        bar.set_postfix(acc=f"{accuracy:.3f}", eps=record.get("epsilon", "inf"))
+      state, start = new_state, end
+      bar.update(len(cohorts))
+      if evaluation_due(end):
+        log_evaluation(metrics, cohorts)
       if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == sim.rounds:
         _save(checkpoint_path, state, end, totals, ledger, config)
   except KeyboardInterrupt:
-    # The state is whole between blocks; a block cut short had donated it.
+    # A block cut short had donated the state it started from; otherwise the
+    # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+      if evaluation_due(start):
+        log_evaluation(metrics, cohorts)
       _save(checkpoint_path, state, start, totals, ledger, config)
     raise
   finally:
     bar.close()
 
+  # Also right when resuming a run that had already finished.
+  accuracy, loss = (float(v) for v in evaluator(state.params))
   report = _privacy_report(exp, ledger)
   summary = {
-      "test_accuracy": accuracy,
-      "test_loss": loss,
+      "test_accuracy": _json_number(accuracy),
+      "test_loss": _json_number(loss),
       "rounds": sim.rounds,
       "backend": sim.backend,
       "wall_time_s": totals["wall"],

@@ -244,8 +244,11 @@ class PoissonSampler:
       num_clients: Population size ``N >= 1``.
       sampling_rate: Inclusion probability ``q`` in ``(0, 1]``.
       seed: Non-negative integer seed.
-      capacity: Cohort slots in ``[1, N]``. Defaults to
-        ``poisson_capacity(N, q, overflow_probability)`` (at least 1).
+      capacity: Cohort slots in ``[1, N + 1]``. Defaults to
+        ``poisson_capacity(N + 1, q, overflow_probability)`` (at least 1):
+        sized for the add/remove neighbour with one more client, so the
+        overflow term the accountant charges stays negligible even when
+        ``q`` is close to 1.
       overflow_probability: Target per-round overflow probability used for
         the default capacity, in ``[0, 1)``.
 
@@ -260,12 +263,13 @@ class PoissonSampler:
       # only lowers the overflow probability further.
       capacity = max(
           1,
-          poisson_capacity(self.num_clients, self.sampling_rate, overflow_probability),
+          poisson_capacity(self.num_clients + 1, self.sampling_rate, overflow_probability),
       )
     else:
       capacity = _check_int(capacity, "capacity", 1)
-      if capacity > self.num_clients:
-        raise ValueError(f"capacity must be <= num_clients ({self.num_clients}), got {capacity}")
+      if capacity > self.num_clients + 1:
+        raise ValueError(
+            f"capacity must be <= num_clients + 1 ({self.num_clients + 1}), got {capacity}")
     self.capacity = capacity
     self.expected_cohort_size = self.sampling_rate * self.num_clients
     self.overflow_probability_per_round = poisson_overflow_probability(

@@ -174,10 +174,13 @@ def test_poisson_overflow_truncates_to_capacity():
 
 def test_poisson_rate_one_takes_everyone():
   s = PoissonSampler(12, 1.0, seed=0)
-  assert s.capacity == 12
+  # One slot more than the population: the add/remove neighbour has 13 clients.
+  assert s.capacity == 13
   assert s.overflow_probability_per_round == 0.0
   cohort = s.sample(0)
-  np.testing.assert_array_equal(np.sort(cohort.indices), np.arange(12))
+  real = cohort.indices[cohort.mask > 0]
+  np.testing.assert_array_equal(np.sort(real), np.arange(12))
+  assert cohort.mask.sum() == 12 and cohort.indices[cohort.mask == 0].tolist() == [-1]
 
 
 @pytest.mark.parametrize(
@@ -186,7 +189,7 @@ def test_poisson_rate_one_takes_everyone():
         (dict(sampling_rate=0.0), r"sampling_rate must be in \(0, 1\], got 0.0"),
         (dict(sampling_rate=1.5), r"sampling_rate must be in \(0, 1\], got 1.5"),
         (dict(capacity=0), "capacity must be >= 1, got 0"),
-        (dict(capacity=11), r"capacity must be <= num_clients \(10\), got 11"),
+        (dict(capacity=12), r"capacity must be <= num_clients \+ 1 \(11\), got 12"),
         (dict(overflow_probability=1.0), r"overflow_probability must be in \[0, 1\)"),
         (dict(seed=-3), "seed must be >= 0, got -3"),
     ],

@@ -1,0 +1,318 @@
+"""Tests of `fedjax_priv.runner`: backends agree, checkpoints resume exactly.
+
+All runs are tiny (logistic regression, <= 8 clients, <= 6 rounds, noise on).
+"""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from fedjax_priv import checkpoint as ckpt
+from fedjax_priv import config as config_lib
+from fedjax_priv import runner
+from fedjax_priv.algorithms.server import server_init
+from fedjax_priv.experiment import build
+
+TINY = [
+    "model.name=logistic_regression",
+    "client.learning_rate=0.5",
+    "client.local_steps=2",
+    "client.batch_size=8",
+    "simulation.eval_every=2",
+]
+# User level, Poisson cohorts of expected size 4 out of 8: the cohort has
+# padded slots, and chunks of 3 do not divide it. 6 rounds, evaluated and
+# checkpointed every 2 (also the config of the resume tests).
+RESUME = TINY + [
+    "data.num_clients=8",
+    "simulation.cohort_size=4",
+    "simulation.sampling=poisson",
+    "privacy.unit=user",
+    "privacy.noise_multiplier=0.5",
+    "simulation.rounds=6",
+    "simulation.client_chunk_size=3",
+    "simulation.checkpoint_every=2",
+    "simulation.backend=chunked",
+]
+# Example level (noise inside every client), fixed cohorts of 3 out of 6.
+EXAMPLE = TINY + [
+    "data.num_clients=6",
+    "simulation.cohort_size=3",
+    "privacy.unit=example",
+    "privacy.noise_multiplier=0.8",
+    "simulation.rounds=4",
+    "simulation.client_chunk_size=2",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def persistent_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, as the CLI uses it, for this module only.
+
+  The resume tests compile the same programs several times; the cache keeps
+  that cheap. Afterwards JAX's cache config and state are restored.
+  """
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  saved = {name: getattr(jax.config, name) for name in names}
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def _config(base, *overrides):
+  return config_lib.load(None, list(base) + list(overrides))
+
+
+def _template(config):
+  exp = build(config)
+  return server_init(exp.model.init(jax.random.key(0)), exp.server_optimizer)
+
+
+def _load(config, out):
+  state, extra = ckpt.load_checkpoint(out / "checkpoint.npz", _template(config))
+  return state, extra
+
+
+def _leaves(tree):
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def _assert_close(got, want, atol):
+  got, want = _leaves(got), _leaves(want)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=atol, rtol=0)
+
+
+def _metrics(out):
+  return ckpt.MetricsLog(out / "metrics.jsonl").read()
+
+
+def _summary(out):
+  return json.loads((out / "summary.json").read_text())
+
+
+# --------------------------------------------------------------------------
+# Backends give the same model.
+
+
+def _run_backends(tmp_path, base, variants):
+  results = {}
+  for name, overrides in variants.items():
+    config = _config(base, *overrides)
+    out = tmp_path / name
+    summary = runner.run(config, out, progress=False)
+    state, extra = _load(config, out)
+    assert extra["round"] == config.simulation.rounds
+    assert int(state.round) == config.simulation.rounds
+    assert summary["backend"] == config.simulation.backend
+    assert summary["privacy"]["noise_multiplier"] > 0
+    results[name] = (config, summary, state)
+  return results
+
+
+def _check_same(results, reference):
+  ref_config, ref_summary, ref_state = results[reference]
+  # The model trained: a comparison of untouched params would prove nothing.
+  init_key, _ = jax.random.split(jax.random.key(ref_config.simulation.seed))  # As the runner.
+  init = build(ref_config).model.init(init_key)
+  moved = max(np.max(np.abs(a - b)) for a, b in zip(_leaves(ref_state.params), _leaves(init)))
+  assert moved > 1e-2
+  for name, (_, summary, state) in results.items():
+    _assert_close(state.params, ref_state.params, atol=1e-5)
+    assert summary["test_accuracy"] == pytest.approx(ref_summary["test_accuracy"], abs=1e-6)
+    assert summary["privacy"]["epsilon"] == ref_summary["privacy"]["epsilon"], name
+
+
+def test_backends_agree_user_level(run_a, tmp_path):
+  # run_a is the chunked backend with the population on the device.
+  config, _, summary, state, _ = run_a
+  assert config.simulation.backend == "chunked" and config.simulation.data_on_device
+  results = _run_backends(tmp_path, RESUME, {
+      "loop": ["simulation.backend=loop"],
+      "vmap": ["simulation.backend=vmap"],
+      "chunked_host": ["simulation.data_on_device=false"],
+  })
+  results["chunked"] = (config, summary, state)
+  _check_same(results, "loop")
+
+
+def test_backends_agree_example_level(tmp_path):
+  results = _run_backends(tmp_path, EXAMPLE, {
+      "loop": ["simulation.backend=loop"],
+      "vmap": ["simulation.backend=vmap"],
+      "chunked": ["simulation.backend=chunked"],
+  })
+  _check_same(results, "loop")
+
+
+# --------------------------------------------------------------------------
+# Checkpoint resume == uninterrupted run.
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+  """Six rounds straight through."""
+  config = _config(RESUME)
+  out = tmp_path_factory.mktemp("run_a")
+  summary = runner.run(config, out, progress=False)
+  state, extra = _load(config, out)
+  return config, out, summary, state, extra
+
+
+def _interrupt_trainer_at_block(monkeypatch, block):
+  """Makes the `block`-th call of the trainer (1-based) raise KeyboardInterrupt."""
+  original = runner._Trainer.run
+  calls = [0]
+
+  def run(self, state, keys, cohorts):
+    calls[0] += 1
+    if calls[0] == block:
+      raise KeyboardInterrupt
+    return original(self, state, keys, cohorts)
+
+  monkeypatch.setattr(runner._Trainer, "run", run)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+  """Rounds 0-4 of the same run, then Ctrl-C as the block of rounds 5-6 starts."""
+  config = _config(RESUME)
+  out = tmp_path_factory.mktemp("interrupted")
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    _interrupt_trainer_at_block(monkeypatch, 3)  # Blocks end at rounds 2, 4, 6.
+    with pytest.raises(KeyboardInterrupt):
+      runner.run(config, out, progress=False)
+  return out
+
+
+def _check_equals_run_a(run_a, config, out, atol):
+  _, a_out, a_summary, a_state, a_extra = run_a
+  summary = _summary(out)
+  state, extra = _load(config, out)
+  _assert_close(state.params, a_state.params, atol=atol)
+  assert int(state.round) == 6 and extra["round"] == 6
+  metrics, a_metrics = _metrics(out), _metrics(a_out)
+  rounds = [m["round"] for m in metrics]
+  assert rounds == [2, 4, 6]  # Each evaluated round exactly once.
+  assert rounds == [m["round"] for m in a_metrics]
+  for m, a in zip(metrics, a_metrics):
+    assert m["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-6)
+    assert m["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9)
+  assert extra["ledger"] == a_extra["ledger"]
+  assert summary["privacy"]["epsilon"] == pytest.approx(a_summary["privacy"]["epsilon"],
+                                                        rel=1e-12)
+  assert summary["privacy"]["dp_event"] == a_summary["privacy"]["dp_event"]
+  assert summary["test_accuracy"] == pytest.approx(a_summary["test_accuracy"], abs=1e-6)
+
+
+def test_interrupt_saves_a_checkpoint_at_the_last_whole_block(interrupted):
+  config = _config(RESUME)
+  state, extra = _load(config, interrupted)
+  assert extra["round"] == 4
+  assert int(state.round) == 4
+  assert [m["round"] for m in _metrics(interrupted)] == [2, 4]
+  assert not (interrupted / "summary.json").exists()
+
+
+def test_resume_equals_uninterrupted(run_a, interrupted, tmp_path):
+  config = _config(RESUME)
+  out = tmp_path / "b"
+  shutil.copytree(interrupted, out)
+  runner.run(config, out, resume=True, progress=False)
+  _check_equals_run_a(run_a, config, out, atol=1e-6)
+
+
+def test_interrupt_during_evaluation_then_resume_equals_uninterrupted(run_a, tmp_path,
+                                                                       monkeypatch):
+  # Ctrl-C while round 4 is being evaluated: rounds 3-4 have trained, but
+  # their evaluation has not been logged yet.
+  config = _config(RESUME)
+  out = tmp_path / "b"
+  original = runner._eval_record
+
+  def eval_record(round_index, *args):
+    if round_index == 4:
+      raise KeyboardInterrupt
+    return original(round_index, *args)
+
+  monkeypatch.setattr(runner, "_eval_record", eval_record)
+  with pytest.raises(KeyboardInterrupt):
+    runner.run(config, out, progress=False)
+  monkeypatch.undo()
+  runner.run(config, out, resume=True, progress=False)
+  _check_equals_run_a(run_a, config, out, atol=1e-6)
+
+
+def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch):
+  # A crash (not Ctrl-C: no checkpoint is written) in the second block, with
+  # only the final checkpoint configured: metrics.jsonl already holds round 2.
+  config = _config(RESUME, "simulation.checkpoint_every=0")
+  out = tmp_path / "b"
+  original = runner._Trainer.run
+  calls = [0]
+
+  def run(self, state, keys, cohorts):
+    calls[0] += 1
+    if calls[0] == 2:
+      raise RuntimeError("device lost")
+    return original(self, state, keys, cohorts)
+
+  monkeypatch.setattr(runner._Trainer, "run", run)
+  with pytest.raises(RuntimeError):
+    runner.run(config, out, progress=False)
+  monkeypatch.undo()
+  assert not (out / "checkpoint.npz").exists()
+  assert [m["round"] for m in _metrics(out)] == [2]
+  # --resume with no checkpoint starts over; the log must not hold round 2 twice.
+  runner.run(config, out, resume=True, progress=False)
+  _check_equals_run_a(run_a, config, out, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("privacy.noise_multiplier=0.7", "privacy.noise_multiplier"),
+    ("privacy.clip_norm=2.0", "privacy.clip_norm"),
+    ("simulation.seed=1", "simulation.seed"),
+    ("client.learning_rate=0.25", "client.learning_rate"),
+])
+def test_resume_with_changed_key_is_refused(interrupted, tmp_path, override, key):
+  out = tmp_path / "b"
+  shutil.copytree(interrupted, out)
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  with pytest.raises(ValueError) as info:
+    runner.run(_config(RESUME, override), out, resume=True, progress=False)
+  assert key in str(info.value)
+  # Nothing in the run directory changed.
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_with_only_backend_changed(run_a, interrupted, tmp_path):
+  config = _config(RESUME, "simulation.backend=loop")
+  out = tmp_path / "b"
+  shutil.copytree(interrupted, out)
+  summary = runner.run(config, out, resume=True, progress=False)
+  assert summary["backend"] == "loop"
+  _check_equals_run_a(run_a, config, out, atol=1e-5)
+
+
+def test_resume_of_a_finished_run_keeps_its_results(run_a, tmp_path):
+  config, a_out, a_summary, a_state, _ = run_a
+  out = tmp_path / "c"
+  shutil.copytree(a_out, out)
+  summary = runner.run(config, out, resume=True, progress=False)
+  state, extra = _load(config, out)
+  assert extra["round"] == 6
+  _assert_close(state.params, a_state.params, atol=0)
+  assert [m["round"] for m in _metrics(out)] == [2, 4, 6]
+  assert summary["privacy"]["epsilon"] == a_summary["privacy"]["epsilon"]
+  # Nothing left to train, but the summary must still report the model's accuracy.
+  assert summary["test_accuracy"] == pytest.approx(a_summary["test_accuracy"], abs=1e-6)
+  assert summary["test_loss"] == pytest.approx(a_summary["test_loss"], abs=1e-6)
