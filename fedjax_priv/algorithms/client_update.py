@@ -86,6 +86,10 @@ def make_client_update(model: Model, optimizer: optax.GradientTransformation,
   def step(carry, inputs):
     params, opt_state = carry
     x, y, mask, step_key = inputs
+    # Padding must contribute exactly zero: 0 * NaN is NaN, so a non-finite
+    # padded (or unsampled) example would otherwise poison the whole client,
+    # through the loss and through its gradient.
+    x = jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)) > 0, x, jnp.zeros_like(x))
     if example_dp is None:
       (_, loss_sum), grad = jax.value_and_grad(mean_loss, has_aux=True)(params, x, y, mask)
       # A step with no real example (padding) must leave params and optimizer

@@ -60,15 +60,25 @@ def from_nnx(make_module: Callable[[Any], Any], input_shape: Sequence[int],
   """Wraps a Flax NNX module given as `make_module(rngs) -> module`.
 
   NNX modules are stateful objects; the split/merge below turns one into the
-  pure pair the engine vmaps over. Only the `nnx.Param` state is trained.
+  pure pair the engine vmaps over. The module's whole state must be
+  `nnx.Param`: clients train, clip and noise every leaf of `params`, so batch
+  statistics or RNG streams stored in the module are refused rather than
+  silently trained (use deterministic layers, as the engine does).
+
+  Raises:
+    ValueError: the module holds state other than `nnx.Param`.
   """
   from flax import nnx  # Imported lazily: NNX is optional for linen users.
 
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(0))))
+  abstract = nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))
+  graphdef, _, other = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(other):
+    raise ValueError("from_nnx: the module holds state other than nnx.Param (e.g. BatchNorm "
+                     "statistics or an RNG stream), which the engine cannot train per client: "
+                     f"{sorted({'/'.join(map(str, path)) for path, _ in nnx.to_flat_state(other)})}")
 
   def init(key: jax.Array) -> Params:
-    module = make_module(nnx.Rngs(params=key))
-    return nnx.split(module)[1]
+    return nnx.split(make_module(nnx.Rngs(key)), nnx.Param)[1]
 
   def apply(params: Params, x: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params)(x)

@@ -77,6 +77,8 @@ def check_batch(batch: ClientBatch) -> None:
   if batch.x.ndim < 3:
     raise ValueError(f"ClientBatch.x must be [K, S, B, ...], got shape {batch.x.shape}")
   k, s, b = batch.x.shape[:3]
+  if k == 0:
+    raise ValueError("ClientBatch has no client slots (K = 0)")
   expected = {"y": (k, s, b), "example_mask": (k, s, b), "num_examples": (k,),
               "client_mask": (k,)}
   for name, shape in expected.items():
