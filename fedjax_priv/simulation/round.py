@@ -122,8 +122,9 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     aggregator: e.g. `weighted_mean()` or `dp_mean(...)`.
     server_optimizer: optax optimizer applied to -mean_delta.
     backend: "vmap", "chunked" or "loop" (see module docstring).
-    client_chunk_size: clients per chunk for "chunked" (the cohort is padded
-      with empty slots to a multiple of it).
+    client_chunk_size: the most clients per chunk for "chunked"; the cohort is
+      split into ceil(K / client_chunk_size) equal chunks, padded with empty
+      slots to a multiple of the chunk.
 
   Returns:
     For "vmap" and "chunked" a pure function to be jitted (or scanned over
@@ -149,10 +150,15 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
 
   def chunked_round(state, batch, key):
     check_batch(batch)
-    batch = _pad_clients(batch, client_chunk_size)
+    num_slots = batch.client_mask.shape[0]
+    # Equal chunks of at most client_chunk_size: padding stays below one slot
+    # per chunk instead of up to a whole chunk (K = 16 at chunk 64 would
+    # otherwise train 48 empty slots).
+    num_chunks = -(-num_slots // client_chunk_size)
+    chunk = -(-num_slots // num_chunks)
+    batch = _pad_clients(batch, chunk)
     keys, noise_key = split_keys(key, batch.client_mask.shape[0])
-    chunks = jax.tree.map(
-        lambda a: a.reshape(-1, client_chunk_size, *a.shape[1:]), (batch, keys))
+    chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), (batch, keys))
 
     def body(carry, chunk):
       summed, totals = _sum_group(per_client, state.params, *chunk)
