@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
