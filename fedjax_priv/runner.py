@@ -162,7 +162,7 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
   checkpoint_path = out / "checkpoint.npz"
 
   init_key, rounds_key = jax.random.split(jax.random.key(sim.seed))
-  state = server_init(exp.model.init(init_key), exp.server_optimizer)
+  state = server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
   ledger = PrivacyLedger()
   start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0}
   if resume and checkpoint_path.exists():

@@ -73,7 +73,7 @@ def _config(base, *overrides):
 
 def _template(config):
   exp = build(config)
-  return server_init(exp.model.init(jax.random.key(0)), exp.server_optimizer)
+  return server_init(exp.model.init(jax.random.key(0)), exp.server_optimizer, exp.aggregator)
 
 
 def _load(config, out):

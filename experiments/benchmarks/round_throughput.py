@@ -91,7 +91,7 @@ from fedjax_priv.data.device import ClientBatch, gather_cohort
 from fedjax_priv.data.digits import load_digits
 from fedjax_priv.data.packing import CohortData
 from fedjax_priv.models import Model, cnn, mlp
-from fedjax_priv.privacy.aggregation import Aggregator, dp_mean
+from fedjax_priv.privacy.aggregation import Aggregator, ClientContext, RoundContext, dp_mean
 from fedjax_priv.simulation.program import Batching, cohort_to_batch, rounds_on_device
 from fedjax_priv.simulation.round import build_round
 
@@ -428,12 +428,18 @@ def breakdown(workload: Workload, k: int, args: argparse.Namespace) -> dict[str,
 
   @jax.jit
   def aggregate(deltas, num_examples, key):
-    def prepare(delta, n):
+    cohort_mask = jnp.ones(k, jnp.float32)
+    client_keys = jax.random.split(key, k)
+
+    def prepare(delta, n, slot, client_key):
       finite = tree_util.all_finite(delta)
       delta = tree_util.select(finite, delta, tree_util.zeros_like(delta))
-      return aggregator.prepare(delta, n)[:2]
-    prepared, weights = jax.vmap(prepare)(deltas, num_examples)
-    return aggregator.finalize(tree_util.weighted_sum(weights, prepared), jnp.sum(weights), key)
+      ctx = ClientContext(slot, client_key, key, cohort_mask)
+      return aggregator.prepare((), delta, n, ctx)[:2]
+    prepared, weights = jax.vmap(prepare)(deltas, num_examples, jnp.arange(k), client_keys)
+    ctx = RoundContext(key, key, cohort_mask, cohort_mask)
+    return aggregator.finalize((), aggregator.group_sum(weights, prepared), jnp.sum(weights),
+                               ctx)[0]
 
   def accumulate_all():
     total = tree_util.zeros_like(client_deltas[0])

@@ -1,20 +1,33 @@
 """Aggregators: how client deltas become one server update.
 
-An aggregator is split in the two places the round builder needs it:
+An aggregator is a small set of pure functions, split where the round builder
+needs it (optax style: the state is explicit, keys are explicit):
 
-  prepare(delta, num_examples) -> (delta', weight, stats)   # one client, vmapped
-  finalize(weighted_sum, total_weight, key) -> update       # once per round
+  init(params) -> state                                          # once
+  prepare(state, delta, num_examples, ClientContext)              # one client, vmapped
+      -> (prepared, weight, stats)
+  group_sum(weight [c], prepared [c, ...]) -> partial sum         # over a group of clients
+  combine(partial, partial) -> partial                            # across groups (chunks)
+  finalize(state, total, total_weight, RoundContext)              # once per round
+      -> (update, new_state, stats)
 
-Between the two the round builder forms sum_k weight_k * delta'_k over the
-cohort (as a dot product, chunk by chunk), after setting the weight of padded
-slots and of clients whose delta is not finite to zero. `stats` is a dict of
-scalars the builder averages over the real clients for the round's metrics.
+The builder sets the weight of padded slots and of clients whose delta is not
+finite to zero (their delta is replaced by zeros before `prepare`), so
+`group_sum` must give a zero-weight slot no influence. The default sums are
+the float weighted sum (a dot product) and addition; secure aggregators
+replace them with modular integer sums. `stats` are dicts of float32 scalars:
+the builder averages prepare's over the real clients and reports finalize's
+as they are.
+
+The state travels in `ServerState.aggregator_state`: it holds what an
+aggregator learns across rounds (an adaptive clip norm, a DP-FTRL tree).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
@@ -24,18 +37,52 @@ from fedjax_priv.privacy.noise import gaussian_like
 WEIGHTINGS = ("num_examples", "uniform")
 
 
-class Aggregator(NamedTuple):
-  """A pair of pure functions; see the module docstring.
+class ClientContext(NamedTuple):
+  """What one client's `prepare` may use besides its own delta.
 
   Attributes:
-    prepare: (delta, num_examples) -> (delta', weight scalar, dict of scalars).
-    finalize: (weighted sum, total weight, key) -> server update (mean delta).
-    noise_stddev: std of the Gaussian noise finalize adds to each coordinate of
-      the update, after division (0.0 for a non-private aggregator).
+    slot: int32 scalar, the client's slot in the cohort, in [0, K).
+    key: PRNG key private to this client's aggregation step (stochastic
+      rounding, local noise); independent of its training key.
+    round_key: PRNG key shared by the whole cohort this round (pairwise mask
+      seeds, simulated dropouts); the same in every client's context.
+    cohort_mask: [K] float32, 1.0 for slots that hold a real client.
   """
+  slot: jax.Array
+  key: jax.Array
+  round_key: jax.Array
+  cohort_mask: jax.Array
+
+
+class RoundContext(NamedTuple):
+  """What `finalize` may use besides the summed contributions.
+
+  Attributes:
+    key: the server's PRNG key (central noise).
+    round_key: the cohort's shared key, equal to every ClientContext.round_key.
+    cohort_mask: [K] float32, 1.0 for slots that hold a real client.
+    included: [K] float32, 1.0 for slots whose contribution entered the sum
+      (weight > 0): real clients minus non-finite ones and those `prepare`
+      dropped.
+  """
+  key: jax.Array
+  round_key: jax.Array
+  cohort_mask: jax.Array
+  included: jax.Array
+
+
+def _no_state(params: Any) -> tuple:
+  del params
+  return ()
+
+
+class Aggregator(NamedTuple):
+  """Pure functions that turn client deltas into a server update; see the module docstring."""
+  init: Callable
   prepare: Callable
   finalize: Callable
-  noise_stddev: float
+  group_sum: Callable = tree_util.weighted_sum
+  combine: Callable = tree_util.add
 
 
 def weighted_mean(weighting: str = "num_examples") -> Aggregator:
@@ -46,15 +93,16 @@ def weighted_mean(weighting: str = "num_examples") -> Aggregator:
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
-  def prepare(delta, num_examples):
+  def prepare(state, delta, num_examples, ctx):
+    del state, ctx
     weight = num_examples.astype(jnp.float32) if weighting == "num_examples" else jnp.float32(1.0)
     return delta, weight, {"delta_norm": tree_util.l2_norm(delta)}
 
-  def finalize(weighted_sum, total_weight, key):
-    del key
-    return tree_util.scale(weighted_sum, 1.0 / jnp.maximum(total_weight, 1e-12))
+  def finalize(state, weighted_sum, total_weight, ctx):
+    del ctx
+    return tree_util.scale(weighted_sum, 1.0 / jnp.maximum(total_weight, 1e-12)), state, {}
 
-  return Aggregator(prepare, finalize, 0.0)
+  return Aggregator(_no_state, prepare, finalize)
 
 
 def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: float) -> Aggregator:
@@ -75,6 +123,10 @@ def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: flo
     clip_norm: C > 0.
     noise_multiplier: sigma >= 0 (0 gives clipping only, no privacy).
     expected_cohort_size: public denominator, e.g. q * N for Poisson sampling.
+
+  Returns:
+    A stateless Aggregator; finalize reports `noise_stddev`, the std of the
+    noise in each coordinate of the update, sigma * C / expected_cohort_size.
   """
   if not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
@@ -83,15 +135,17 @@ def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: flo
   if not expected_cohort_size > 0:
     raise ValueError(f"expected_cohort_size must be > 0, got {expected_cohort_size}")
 
-  def prepare(delta, num_examples):
-    del num_examples  # Weighting by example count would break the sensitivity bound.
+  def prepare(state, delta, num_examples, ctx):
+    del state, num_examples, ctx  # Weighting by example count would break the sensitivity bound.
     clipped, norm = clip_by_l2_norm(delta, clip_norm)
     stats = {"delta_norm": norm, "clipped_fraction": (norm > clip_norm).astype(jnp.float32)}
     return clipped, jnp.float32(1.0), stats
 
-  def finalize(weighted_sum, total_weight, key):
+  def finalize(state, weighted_sum, total_weight, ctx):
     del total_weight
-    noisy = tree_util.add(weighted_sum, gaussian_like(key, weighted_sum, noise_multiplier * clip_norm))
-    return tree_util.scale(noisy, 1.0 / expected_cohort_size)
+    noise = gaussian_like(ctx.key, weighted_sum, noise_multiplier * clip_norm)
+    update = tree_util.scale(tree_util.add(weighted_sum, noise), 1.0 / expected_cohort_size)
+    return update, state, {"noise_stddev": jnp.float32(
+        noise_multiplier * clip_norm / expected_cohort_size)}
 
-  return Aggregator(prepare, finalize, noise_multiplier * clip_norm / expected_cohort_size)
+  return Aggregator(_no_state, prepare, finalize)

@@ -7,9 +7,11 @@ and a PRNG key, and returns the new server state and a dict of scalar metrics:
   2. a client whose delta is not finite is zeroed and counted, never averaged in;
   3. the aggregator prepares each delta (e.g. clips it) and gives it a weight;
      padded client slots get weight 0;
-  4. the weighted deltas are summed over the cohort as a dot product;
+  4. the prepared deltas are summed over the cohort with the aggregator's
+     `group_sum` (by default a weighted sum written as a dot product);
   5. the aggregator finalizes the sum once (e.g. adds noise, divides by the
-     public expected cohort size) and the server optimizer applies it.
+     public expected cohort size, updates its own state) and the server
+     optimizer applies the update.
 
 Backends compute exactly the same thing:
   vmap     all K clients in one vmap (fastest for small cohorts);
@@ -18,8 +20,9 @@ Backends compute exactly the same thing:
   loop     a Python loop with one jitted local-training call per client: the
            readable reference the tests hold the fast backends to.
 
-Client slot k always gets the key fold_in(client_key, k) and the aggregator the
-same noise key, so the three backends agree to float rounding, noise included.
+Client slot k always gets the key fold_in(client_key, k), split into its
+training and aggregation keys, and the aggregator the same server and shared
+keys, so the three backends agree to float rounding, noise included.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ClientUpdate
 from fedjax_priv.algorithms.server import ServerState, server_update
 from fedjax_priv.data.device import ClientBatch
-from fedjax_priv.privacy.aggregation import Aggregator
+from fedjax_priv.privacy.aggregation import Aggregator, ClientContext, RoundContext
 
 BACKENDS = ("vmap", "chunked", "loop")
 
@@ -42,13 +45,16 @@ RoundFn = Callable[[ServerState, ClientBatch, jax.Array], tuple[ServerState, dic
 
 
 def _per_client_fn(client_update: ClientUpdate, aggregator: Aggregator):
-  """One client's contribution: (delta', weight, per-client scalars)."""
+  """One client's contribution: (delta', per-client scalars incl. its weight)."""
 
-  def per_client(params, x, y, mask, num_examples, client_mask, key):
-    delta, metrics = client_update(params, x, y, mask, key)
+  def per_client(params, agg_state, x, y, mask, num_examples, client_mask, slot, key, round_key,
+                 cohort_mask):
+    train_key, agg_key = jax.random.split(key)
+    delta, metrics = client_update(params, x, y, mask, train_key)
     finite = tree_util.all_finite(delta)
     delta = tree_util.select(finite, delta, tree_util.zeros_like(delta))
-    prepared, weight, stats = aggregator.prepare(delta, num_examples)
+    ctx = ClientContext(slot, agg_key, round_key, cohort_mask)
+    prepared, weight, stats = aggregator.prepare(agg_state, delta, num_examples, ctx)
     keep = client_mask * finite.astype(jnp.float32)
     # jnp.where, not a product: 0 * NaN is NaN and would poison the sums.
     scalars = {name: jnp.where(keep > 0, value, 0.0) for name, value in
@@ -61,12 +67,19 @@ def _per_client_fn(client_update: ClientUpdate, aggregator: Aggregator):
   return per_client
 
 
-def _sum_group(per_client, params, batch: ClientBatch, keys):
-  """Vmaps `per_client` over a group of clients and sums their contributions."""
-  prepared, scalars = jax.vmap(per_client, in_axes=(None, 0, 0, 0, 0, 0, 0))(
-      params, batch.x, batch.y, batch.example_mask, batch.num_examples, batch.client_mask, keys)
-  return (tree_util.weighted_sum(scalars["weight"], prepared),
-          {name: jnp.sum(value) for name, value in scalars.items()})
+def _sum_group(per_client, state: ServerState, batch: ClientBatch, slots, keys, round_key,
+               cohort_mask, aggregator: Aggregator):
+  """Vmaps `per_client` over a group of clients and sums their contributions.
+
+  Returns the group's summed contribution, its summed scalars and the [c]
+  weights (which slots entered the sum).
+  """
+  prepared, scalars = jax.vmap(per_client, in_axes=(None, None, 0, 0, 0, 0, 0, 0, 0, None, None))(
+      state.params, state.aggregator_state, batch.x, batch.y, batch.example_mask,
+      batch.num_examples, batch.client_mask, slots, keys, round_key, cohort_mask)
+  weights = scalars["weight"]
+  return (aggregator.group_sum(weights, prepared),
+          {name: jnp.sum(value) for name, value in scalars.items()}, weights)
 
 
 def check_batch(batch: ClientBatch) -> None:
@@ -96,9 +109,11 @@ def _pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:
   return jax.tree.map(lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)), batch)
 
 
-def _finish(state, summed, totals, noise_key, aggregator, server_optimizer):
-  update = aggregator.finalize(summed, totals.pop("weight"), noise_key)
-  new_state = server_update(state, update, server_optimizer)
+def _finish(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
+  update, aggregator_state, agg_stats = aggregator.finalize(
+      state.aggregator_state, summed, totals.pop("weight"), ctx)
+  new_state = server_update(state, update, server_optimizer)._replace(
+      aggregator_state=aggregator_state)
   clients = jnp.maximum(totals["clients"], 1.0)
   examples = totals.pop("examples_seen")
   metrics = {
@@ -109,6 +124,7 @@ def _finish(state, summed, totals, noise_key, aggregator, server_optimizer):
       "update_norm": tree_util.l2_norm(update),
   }
   metrics.update({name: value / clients for name, value in totals.items()})
+  metrics.update(agg_stats)
   return new_state, metrics
 
 
@@ -138,15 +154,19 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
   per_client = _per_client_fn(client_update, aggregator)
 
   def split_keys(key, num_slots):
-    client_key, noise_key = jax.random.split(key)
+    client_key, server_key, round_key = jax.random.split(key, 3)
     slot_keys = jax.vmap(lambda k: jax.random.fold_in(client_key, k))(jnp.arange(num_slots))
-    return slot_keys, noise_key
+    return slot_keys, server_key, round_key
 
   def vmap_round(state, batch, key):
     check_batch(batch)
-    keys, noise_key = split_keys(key, batch.client_mask.shape[0])
-    summed, totals = _sum_group(per_client, state.params, batch, keys)
-    return _finish(state, summed, totals, noise_key, aggregator, server_optimizer)
+    num_slots = batch.client_mask.shape[0]
+    keys, server_key, round_key = split_keys(key, num_slots)
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    summed, totals, weights = _sum_group(per_client, state, batch, slots, keys, round_key,
+                                         batch.client_mask, aggregator)
+    ctx = RoundContext(server_key, round_key, batch.client_mask, (weights > 0).astype(jnp.float32))
+    return _finish(state, summed, totals, ctx, aggregator, server_optimizer)
 
   def chunked_round(state, batch, key):
     check_batch(batch)
@@ -157,18 +177,28 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     num_chunks = -(-num_slots // client_chunk_size)
     chunk = -(-num_slots // num_chunks)
     batch = _pad_clients(batch, chunk)
-    keys, noise_key = split_keys(key, batch.client_mask.shape[0])
-    chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), (batch, keys))
+    padded_slots = batch.client_mask.shape[0]
+    keys, server_key, round_key = split_keys(key, padded_slots)
+    slots = jnp.arange(padded_slots, dtype=jnp.int32)
+    cohort_mask = batch.client_mask
+    chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), (batch, slots, keys))
+
+    def group(chunk):
+      return _sum_group(per_client, state, *chunk, round_key, cohort_mask, aggregator)
 
     def body(carry, chunk):
-      summed, totals = _sum_group(per_client, state.params, *chunk)
-      return jax.tree.map(jnp.add, carry, (summed, totals)), None
+      summed, totals, weights = group(chunk)
+      carry = (aggregator.combine(carry[0], summed), jax.tree.map(jnp.add, carry[1], totals))
+      return carry, weights
 
     first = jax.tree.map(lambda a: a[0], chunks)
     rest = jax.tree.map(lambda a: a[1:], chunks)
     # The first chunk seeds the carry, which fixes its structure and dtypes.
-    carry, _ = jax.lax.scan(body, _sum_group(per_client, state.params, *first), rest)
-    return _finish(state, *carry, noise_key, aggregator, server_optimizer)
+    first_summed, first_totals, first_weights = group(first)
+    (summed, totals), rest_weights = jax.lax.scan(body, (first_summed, first_totals), rest)
+    weights = jnp.concatenate([first_weights, rest_weights.reshape(-1)])
+    ctx = RoundContext(server_key, round_key, cohort_mask, (weights > 0).astype(jnp.float32))
+    return _finish(state, summed, totals, ctx, aggregator, server_optimizer)
 
   if backend == "vmap":
     return vmap_round
@@ -177,23 +207,30 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
 
   one_client = jax.jit(per_client)
   accumulate = jax.jit(lambda total, prepared, scalars: (
-      tree_util.add(total[0], tree_util.scale(prepared, scalars["weight"])),
+      aggregator.combine(total[0], aggregator.group_sum(
+          scalars["weight"][None], jax.tree.map(lambda leaf: leaf[None], prepared))),
       jax.tree.map(jnp.add, total[1], scalars)))
-  finish = jax.jit(lambda state, summed, totals, noise_key: _finish(
-      state, summed, totals, noise_key, aggregator, server_optimizer))
+  first_total = jax.jit(lambda prepared, scalars: (
+      aggregator.group_sum(scalars["weight"][None],
+                           jax.tree.map(lambda leaf: leaf[None], prepared)), scalars))
+  finish = jax.jit(lambda state, summed, totals, ctx: _finish(
+      state, summed, totals, ctx, aggregator, server_optimizer))
 
   def loop_round(state, batch, key):
     check_batch(batch)
     num_slots = batch.client_mask.shape[0]
-    keys, noise_key = split_keys(key, num_slots)
-    total = None
+    keys, server_key, round_key = split_keys(key, num_slots)
+    total, weights = None, []
     for k in range(num_slots):
       prepared, scalars = one_client(
-          state.params, batch.x[k], batch.y[k], batch.example_mask[k],
-          batch.num_examples[k], batch.client_mask[k], keys[k])
-      if total is None:
-        total = (tree_util.zeros_like(prepared), jax.tree.map(jnp.zeros_like, scalars))
-      total = accumulate(total, prepared, scalars)
-    return finish(state, total[0], total[1], noise_key)
+          state.params, state.aggregator_state, batch.x[k], batch.y[k], batch.example_mask[k],
+          batch.num_examples[k], batch.client_mask[k], jnp.int32(k), keys[k], round_key,
+          batch.client_mask)
+      total = first_total(prepared, scalars) if total is None else accumulate(
+          total, prepared, scalars)
+      weights.append(scalars["weight"])
+    ctx = RoundContext(server_key, round_key, batch.client_mask,
+                       (jnp.stack(weights) > 0).astype(jnp.float32))
+    return finish(state, total[0], total[1], ctx)
 
   return loop_round

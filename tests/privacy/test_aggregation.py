@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.aggregation import dp_mean, weighted_mean
+from fedjax_priv.privacy.aggregation import ClientContext, RoundContext, dp_mean, weighted_mean
 from fedjax_priv.privacy.clipping import clip_by_l2_norm
 from fedjax_priv.privacy.noise import gaussian_like
 
@@ -14,6 +14,15 @@ CLIP, SIGMA, COHORT = 2.0, 1.5, 10.0
 # Two leaves of 100k coordinates each: the std estimate has relative error
 # ~1/sqrt(2n) = 0.16%, far inside the 2% tolerance.
 ZERO_SUM = {"a": jnp.zeros((200, 500), jnp.float32), "b": jnp.zeros((100_000,), jnp.float32)}
+
+
+def round_ctx(key):
+  mask = jnp.ones(4, jnp.float32)
+  return RoundContext(key, jax.random.key(99), mask, mask)
+
+
+CLIENT_CTX = ClientContext(jnp.int32(0), jax.random.key(5), jax.random.key(99),
+                           jnp.ones(4, jnp.float32))
 
 
 def flat(tree):
@@ -27,17 +36,20 @@ def correlation(u, v):
 @pytest.fixture(scope="module")
 def finalize():
   aggregator = dp_mean(CLIP, SIGMA, COHORT)
-  return jax.jit(aggregator.finalize)
+  run = jax.jit(lambda total, weight, key: aggregator.finalize((), total, weight, round_ctx(key)))
+  return lambda total, weight, key: run(total, weight, key)[0]
 
 
 # --- dp_mean noise -----------------------------------------------------------------
 
 
-def test_dp_mean_noise_stddev_attribute():
-  """noise_stddev is sigma * C / expected cohort size (the std after division)."""
-  assert dp_mean(CLIP, SIGMA, COHORT).noise_stddev == pytest.approx(SIGMA * CLIP / COHORT)
-  assert dp_mean(CLIP, 0.0, COHORT).noise_stddev == 0.0
-  assert weighted_mean().noise_stddev == 0.0
+def test_dp_mean_reports_noise_stddev():
+  """finalize reports noise_stddev = sigma * C / expected cohort size (the std after division)."""
+  for sigma in (SIGMA, 0.0):
+    _, state, stats = dp_mean(CLIP, sigma, COHORT).finalize((), ZERO_SUM, 1.0,
+                                                           round_ctx(jax.random.key(0)))
+    assert state == ()
+    assert float(stats["noise_stddev"]) == pytest.approx(sigma * CLIP / COHORT)
 
 
 def test_dp_mean_noise_statistics(finalize):
@@ -91,13 +103,13 @@ def test_dp_mean_prepare_clips_and_weights_uniformly():
   """dp_mean.prepare clips to C, weights 1 whatever num_examples, reports the clipping."""
   aggregator = dp_mean(CLIP, SIGMA, COHORT)
   big = {"w": jnp.full((3, 4), 5.0), "b": jnp.full((2,), -5.0)}
-  prepared, weight, stats = aggregator.prepare(big, jnp.int32(1000))
+  prepared, weight, stats = aggregator.prepare((), big, jnp.int32(1000), CLIENT_CTX)
   np.testing.assert_allclose(tree_util.l2_norm(prepared), CLIP, rtol=1e-6)
   assert float(weight) == 1.0
   np.testing.assert_allclose(stats["delta_norm"], tree_util.l2_norm(big), rtol=1e-6)
   assert float(stats["clipped_fraction"]) == 1.0
   small = tree_util.scale(big, 1e-3)
-  prepared, weight, stats = aggregator.prepare(small, jnp.int32(3))
+  prepared, weight, stats = aggregator.prepare((), small, jnp.int32(3), CLIENT_CTX)
   assert float(weight) == 1.0 and float(stats["clipped_fraction"]) == 0.0
   np.testing.assert_array_equal(flat(prepared), flat(small))
 
@@ -107,10 +119,11 @@ def test_weighted_mean_prepare_and_finalize(weighting, expected_weight):
   """weighted_mean weights by example count (or 1) and divides by the realised total."""
   aggregator = weighted_mean(weighting)
   delta = {"w": jnp.arange(6.0).reshape(2, 3)}
-  prepared, weight, _ = aggregator.prepare(delta, jnp.int32(7))
+  prepared, weight, _ = aggregator.prepare((), delta, jnp.int32(7), CLIENT_CTX)
   assert float(weight) == expected_weight
   np.testing.assert_array_equal(prepared["w"], delta["w"])
-  mean = aggregator.finalize(tree_util.scale(delta, 4.0), jnp.float32(4.0), jax.random.key(0))
+  mean, _, _ = aggregator.finalize((), tree_util.scale(delta, 4.0), jnp.float32(4.0),
+                                   round_ctx(jax.random.key(0)))
   np.testing.assert_allclose(mean["w"], delta["w"], rtol=1e-6)
 
 
