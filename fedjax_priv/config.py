@@ -53,12 +53,21 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-  unit: str = "none"                # none | user (DP-FedAvg) | example (DP-SGD in clients)
-  clip_norm: float = 1.0
+  # none | user (DP-FedAvg) | example (DP-SGD in clients) | both (DP-SGD in
+  # clients and a DP mean at the server, each level accounted and reported).
+  unit: str = "none"
+  clip_norm: float = 1.0            # user or example level; the user level under "both"
   noise_multiplier: float = 1.0
   target_epsilon: float = 0.0       # > 0: calibrate noise_multiplier to reach it
+  example_clip_norm: float = 1.0    # unit = both: the example level (DP-SGD) part
+  example_noise_multiplier: float = 1.0
+  example_target_epsilon: float = 0.0
   delta: float = 1e-5
   accountant: str = "rdp"           # rdp | pld
+  epsilon_budget: float = 0.0       # > 0: train only the rounds whose epsilon stays within it
+  # Account fixed-size cohorts as Poisson with q = K / N: an approximation,
+  # not a proof, warned about at every run; off by default.
+  fixed_as_poisson: bool = False
   weighting: str = "num_examples"   # non-private mean: num_examples | uniform
 
 
@@ -93,7 +102,7 @@ CHOICES = {
     "client.optimizer": ("sgd", "momentum", "adam"),
     "server.optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
     "server.schedule": ("constant", "cosine"),
-    "privacy.unit": ("none", "user", "example"),
+    "privacy.unit": ("none", "user", "example", "both"),
     "privacy.accountant": ("rdp", "pld"),
     "privacy.weighting": ("num_examples", "uniform"),
     "simulation.backend": ("vmap", "chunked", "loop"),
@@ -101,9 +110,11 @@ CHOICES = {
 }
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
-            "privacy.clip_norm", "simulation.client_chunk_size", "simulation.rounds",
+            "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size", "simulation.rounds",
             "simulation.cohort_size", "simulation.eval_every")
 NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon",
+                "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
+                "privacy.epsilon_budget",
                 "simulation.checkpoint_every", "simulation.seed", "data.seed")
 
 
@@ -188,11 +199,20 @@ def validate(config: Config) -> None:
   if config.simulation.cohort_size > config.data.num_clients:
     raise ConfigError(f"simulation.cohort_size ({config.simulation.cohort_size}) must be <= "
                       f"data.num_clients ({config.data.num_clients})")
-  if config.privacy.unit == "none" and config.privacy.target_epsilon > 0:
-    raise ConfigError("privacy.target_epsilon needs privacy.unit = user or example, got none")
-  if (config.privacy.unit == "user" and config.privacy.accountant == "pld"
-      and config.simulation.sampling == "fixed"
-      and config.simulation.cohort_size < config.data.num_clients):
+  privacy, sim = config.privacy, config.simulation
+  if privacy.unit == "none":
+    for key in ("target_epsilon", "epsilon_budget"):
+      if getattr(privacy, key) > 0:
+        raise ConfigError(f"privacy.{key} needs privacy.unit = user, example or both, got none")
+  if privacy.unit != "both" and privacy.example_target_epsilon > 0:
+    raise ConfigError("privacy.example_target_epsilon is the example level of privacy.unit = "
+                      f"both, got unit = {privacy.unit}")
+  partial_fixed = sim.sampling == "fixed" and sim.cohort_size < config.data.num_clients
+  if privacy.fixed_as_poisson and (privacy.unit not in ("user", "both") or not partial_fixed):
+    raise ConfigError("privacy.fixed_as_poisson applies to user-level privacy with fixed-size "
+                      "cohorts smaller than the population (simulation.sampling = fixed)")
+  if (privacy.unit in ("user", "both") and privacy.accountant == "pld" and partial_fixed
+      and not privacy.fixed_as_poisson):
     raise ConfigError("privacy.accountant = pld cannot account fixed-size cohorts "
                       "(sampling without replacement); use rdp or simulation.sampling = poisson")
 

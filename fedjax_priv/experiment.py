@@ -8,6 +8,7 @@ use the pieces directly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
@@ -39,10 +40,11 @@ NEIGHBOURING = {
 
 
 class PrivacyPlan(NamedTuple):
-  """What one round releases and how it is accounted.
+  """What one round releases at one privacy level, and how it is accounted.
 
   Attributes:
     unit: "none", "user" or "example".
+    clip_norm: the level's clip norm C (0.0 without privacy).
     noise_multiplier: sigma actually used (after calibration).
     sampling: "fixed", "poisson" or "full" (user level); "poisson" (example level).
     sampling_rate: q of the accounted sampling (worst client at example level).
@@ -51,6 +53,7 @@ class PrivacyPlan(NamedTuple):
     neighbouring: the neighbouring relation in words.
   """
   unit: str
+  clip_norm: float
   noise_multiplier: float
   sampling: str
   sampling_rate: float
@@ -71,7 +74,8 @@ class Experiment(NamedTuple):
   server_optimizer: optax.GradientTransformation
   round_fn: RoundFn
   batching: Batching
-  privacy: PrivacyPlan
+  privacy: PrivacyPlan                 # the primary level: the user level under unit = both
+  levels: tuple[PrivacyPlan, ...]      # every accounted level (empty without privacy)
 
 
 def _optimizer(name: str, learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
@@ -119,49 +123,94 @@ def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
   return Batching(local_steps, capacity, "poisson", float(expected_batch_size), overflow)
 
 
-def _privacy_plan(config: Config, train: FederatedDataset, sampler,
-                  batching: Batching) -> PrivacyPlan:
-  """The per-round event, with sigma calibrated to privacy.target_epsilon if set.
+def _calibrated(round_event, sigma: float, target_epsilon: float, config: Config) -> float:
+  if target_epsilon <= 0:
+    return float(sigma)
+  return float(accounting.calibrate_noise_multiplier(
+      lambda s: dp_accounting.SelfComposedDpEvent(round_event(s), config.simulation.rounds),
+      target_epsilon, config.privacy.delta, config.privacy.accountant))
 
-  Example level: the accountant charges every round to the worst-off example
-  (the smallest client, largest q) as if its client trained every round; this
-  is exact when every client takes part in every round and an upper bound
-  otherwise (no amplification by cohort sampling is claimed).
-  """
+
+def _user_plan(config: Config, train: FederatedDataset, sampler) -> PrivacyPlan:
+  """DP-FedAvg's per-round event, with sigma calibrated to privacy.target_epsilon if set."""
   privacy, sim = config.privacy, config.simulation
-  if privacy.unit == "none":
-    return PrivacyPlan("none", 0.0, sampler.name, sampler.sampling_rate, None, 0.0,
-                       NEIGHBOURING["none"])
-  if privacy.unit == "user":
-    full = sim.sampling == "fixed" and sim.cohort_size == train.num_clients
-    sampling = "full" if full else sim.sampling
-    rate = sampler.sampling_rate
-    # Under add/remove the neighbour may hold one more client: bound its overflow.
-    overflow = (0.0 if sampling != "poisson" else
-                float(poisson_overflow_probability(train.num_clients + 1, rate, sampler.capacity)))
+  full = sim.sampling == "fixed" and sim.cohort_size == train.num_clients
+  sampling = "full" if full else sim.sampling
+  rate = sampler.sampling_rate
+  relation = NEIGHBOURING["user"][sampling]
+  if privacy.fixed_as_poisson:
+    # accounting.user_level_event warns that this is an approximation.
+    relation = (NEIGHBOURING["user"]["poisson"] + " (fixed-size cohorts accounted as Poisson "
+                "sampling: an approximation, not a proof)")
+  # Under add/remove the neighbour may hold one more client: bound its overflow.
+  overflow = (0.0 if sim.sampling != "poisson" else
+              float(poisson_overflow_probability(train.num_clients + 1, rate, sampler.capacity)))
 
-    def round_event(sigma):
-      return accounting.user_level_event(sigma, 1, sampling, train.num_clients,
-                                         sampler.expected_cohort_size)
-    relation = NEIGHBOURING["user"][sampling]
-  else:
-    smallest = int(train.client_sizes.min())
-    # The worst-off example lives in the smallest client: its rate q = b / n is largest.
-    rate = min(1.0, config.client.batch_size / smallest)
-    sampling = "poisson"
-    overflow = config.client.local_steps * batching.overflow_probability
+  def round_event(sigma):
+    return accounting.user_level_event(sigma, 1, sampling, train.num_clients,
+                                       sampler.expected_cohort_size,
+                                       fixed_as_poisson=privacy.fixed_as_poisson)
+  sigma = _calibrated(round_event, privacy.noise_multiplier, privacy.target_epsilon, config)
+  return PrivacyPlan("user", privacy.clip_norm, sigma, sampling, float(rate), round_event(sigma),
+                     overflow, relation)
 
-    def round_event(sigma):
-      return accounting.example_level_event(sigma, config.client.local_steps, rate)
-    relation = NEIGHBOURING["example"]
 
-  sigma = privacy.noise_multiplier
-  if privacy.target_epsilon > 0:
-    sigma = accounting.calibrate_noise_multiplier(
-        lambda s: dp_accounting.SelfComposedDpEvent(round_event(s), sim.rounds),
-        privacy.target_epsilon, privacy.delta, privacy.accountant)
-  return PrivacyPlan(privacy.unit, float(sigma), sampling, float(rate), round_event(sigma),
-                     float(overflow), relation)
+def _example_plan(config: Config, train: FederatedDataset, batching: Batching, clip_norm: float,
+                  noise_multiplier: float, target_epsilon: float) -> PrivacyPlan:
+  """DP-SGD's per-round event in every client, sigma calibrated to `target_epsilon` if > 0.
+
+  The accountant charges every round to the worst-off example (the smallest
+  client, largest q) as if its client trained every round; this is exact when
+  every client takes part in every round and an upper bound otherwise (no
+  amplification by cohort sampling is claimed).
+  """
+  smallest = int(train.client_sizes.min())
+  # The worst-off example lives in the smallest client: its rate q = b / n is largest.
+  rate = min(1.0, config.client.batch_size / smallest)
+  overflow = config.client.local_steps * batching.overflow_probability
+
+  def round_event(sigma):
+    return accounting.example_level_event(sigma, config.client.local_steps, rate)
+  sigma = _calibrated(round_event, noise_multiplier, target_epsilon, config)
+  return PrivacyPlan("example", clip_norm, sigma, "poisson", float(rate), round_event(sigma),
+                     float(overflow), NEIGHBOURING["example"])
+
+
+def _privacy_levels(config: Config, train: FederatedDataset, sampler,
+                    batching: Batching) -> tuple[PrivacyPlan, ...]:
+  privacy = config.privacy
+  levels = []
+  if privacy.unit in ("user", "both"):
+    levels.append(_user_plan(config, train, sampler))
+  if privacy.unit == "example":
+    levels.append(_example_plan(config, train, batching, privacy.clip_norm,
+                                privacy.noise_multiplier, privacy.target_epsilon))
+  if privacy.unit == "both":
+    levels.append(_example_plan(config, train, batching, privacy.example_clip_norm,
+                                privacy.example_noise_multiplier,
+                                privacy.example_target_epsilon))
+  return tuple(levels)
+
+
+def calibrate(config: Config) -> Config:
+  """The config with every targeted noise multiplier calibrated and its target cleared.
+
+  Returns a new Config whose privacy.noise_multiplier (and, under unit = both,
+  example_noise_multiplier) is the smallest sigma meeting privacy.target_epsilon
+  (example_target_epsilon) over simulation.rounds rounds at privacy.delta; the
+  targets are set to 0, so building the result does no further calibration.
+  """
+  exp = build(config)
+  by_unit = {plan.unit: plan.noise_multiplier for plan in exp.levels}
+  privacy = config.privacy
+  if privacy.unit == "both":
+    privacy = dataclasses.replace(privacy, noise_multiplier=by_unit["user"],
+                                  example_noise_multiplier=by_unit["example"],
+                                  target_epsilon=0.0, example_target_epsilon=0.0)
+  elif privacy.unit != "none":
+    privacy = dataclasses.replace(privacy, noise_multiplier=by_unit[privacy.unit],
+                                  target_epsilon=0.0)
+  return dataclasses.replace(config, privacy=privacy)
 
 
 def build(config: Config) -> Experiment:
@@ -172,27 +221,34 @@ def build(config: Config) -> Experiment:
   num_classes = int(max(train.y.max(), y_test.max())) + 1
   model = _model(config, train.feature_shape, num_classes)
   sampler = _sampler(config, train.num_clients)
-  if privacy.unit == "example":
+  example_level = privacy.unit in ("example", "both")
+  if example_level:
     if int(train.client_sizes.min()) == 0:
-      raise ValueError("privacy.unit = example needs every client to hold at least one example")
+      raise ValueError(f"privacy.unit = {privacy.unit} needs every client to hold at least one "
+                       "example")
     batching = dp_sgd_batching(train.client_sizes, config.client.batch_size,
                                config.client.local_steps)
   else:
     batching = Batching(config.client.local_steps, config.client.batch_size)
-  plan = _privacy_plan(config, train, sampler, batching)
+  levels = _privacy_levels(config, train, sampler, batching)
+  by_unit = {plan.unit: plan for plan in levels}
+  primary = levels[0] if levels else PrivacyPlan(
+      "none", 0.0, 0.0, sampler.name, sampler.sampling_rate, None, 0.0, NEIGHBOURING["none"])
 
   client_optimizer = _optimizer(config.client.optimizer, config.client.learning_rate)
-  if privacy.unit == "example":
+  if example_level:
+    plan = by_unit["example"]
     client_update = make_client_update(
         model, client_optimizer,
-        ExampleDP(privacy.clip_norm, plan.noise_multiplier, float(config.client.batch_size)))
+        ExampleDP(plan.clip_norm, plan.noise_multiplier, float(config.client.batch_size)))
   else:
     client_update = make_client_update(model, client_optimizer)
 
-  if privacy.unit == "user":
-    aggregator = dp_mean(privacy.clip_norm, plan.noise_multiplier, sampler.expected_cohort_size)
+  if "user" in by_unit:
+    plan = by_unit["user"]
+    aggregator = dp_mean(plan.clip_norm, plan.noise_multiplier, sampler.expected_cohort_size)
   else:
-    # Example level: the server's mean is post-processing of DP-SGD outputs.
+    # Example level alone: the server's mean is post-processing of DP-SGD outputs.
     aggregator = weighted_mean(privacy.weighting)
 
   server_lr = config.server.learning_rate
@@ -204,4 +260,4 @@ def build(config: Config) -> Experiment:
   round_fn = build_round(client_update, aggregator, server_optimizer, sim.backend,
                          sim.client_chunk_size)
   return Experiment(config, train, x_test, y_test, model, sampler, client_update, aggregator,
-                    server_optimizer, round_fn, batching, plan)
+                    server_optimizer, round_fn, batching, primary, levels)

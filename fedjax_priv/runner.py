@@ -26,7 +26,7 @@ from fedjax_priv.algorithms.server import ServerState, server_init
 from fedjax_priv.config import Config, to_dict
 from fedjax_priv.data.device import gather_cohort
 from fedjax_priv.data.packing import CohortData, pack_cohort, pad_population
-from fedjax_priv.experiment import Experiment, build
+from fedjax_priv.experiment import Experiment, PrivacyPlan, build
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.privacy.accounting import PrivacyLedger
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
@@ -129,26 +129,69 @@ class _Trainer:
     return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
 
 
-def _privacy_report(exp: Experiment, ledger: PrivacyLedger) -> dict[str, Any]:
+def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, config: Config) -> dict[str, Any]:
+  epsilon, delta_total = ledger.epsilon(config.privacy.delta, config.privacy.accountant)
+  return {"unit": plan.unit, "neighbouring_relation": plan.neighbouring,
+          "clip_norm": plan.clip_norm, "noise_multiplier": plan.noise_multiplier,
+          "sampling": plan.sampling, "sampling_rate": plan.sampling_rate,
+          "epsilon": epsilon, "delta_total": delta_total, "dp_event": repr(ledger.event)}
+
+
+def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
+                    stopped_by_budget: bool) -> dict[str, Any]:
+  """The primary level's fields at the top (user level under unit = both), every level in `levels`."""
   privacy = exp.config.privacy
-  report = {
-      "unit": exp.privacy.unit,
-      "neighbouring_relation": exp.privacy.neighbouring,
-      "accountant": privacy.accountant,
-      "delta": privacy.delta,
-      "noise_multiplier": exp.privacy.noise_multiplier,
-      "clip_norm": privacy.clip_norm if exp.privacy.unit != "none" else None,
-      "sampling": exp.privacy.sampling,
-      "sampling_rate": exp.privacy.sampling_rate,
-  }
-  if exp.privacy.unit == "none":
-    return {**report, "epsilon": math.inf, "delta_total": None, "dp_event": None}
-  epsilon, delta_total = ledger.epsilon(privacy.delta, privacy.accountant)
-  return {**report, "epsilon": epsilon, "delta_total": delta_total, "dp_event": repr(ledger.event)}
+  common = {"accountant": privacy.accountant, "delta": privacy.delta,
+            "epsilon_budget": privacy.epsilon_budget or None,
+            "stopped_by_budget": stopped_by_budget}
+  if not exp.levels:
+    return {"unit": "none", "neighbouring_relation": exp.privacy.neighbouring, **common,
+            "noise_multiplier": 0.0, "clip_norm": None, "sampling": exp.privacy.sampling,
+            "sampling_rate": exp.privacy.sampling_rate, "epsilon": math.inf,
+            "delta_total": None, "dp_event": None, "levels": {}}
+  levels = {plan.unit: _level_report(plan, ledgers[plan.unit], exp.config)
+            for plan in exp.levels}
+  return {**levels[exp.privacy.unit], **common, "unit": privacy.unit, "levels": levels}
+
+
+def rounds_within_budget(exp: Experiment) -> int:
+  """The most rounds (<= simulation.rounds) whose every level's epsilon fits privacy.epsilon_budget.
+
+  Every round of a run releases the same events, so the epsilon after n
+  rounds is monotone in n and a bisection finds the last n that fits; the
+  runner stops there, before the round that would exceed the budget.
+  """
+  privacy, total = exp.config.privacy, exp.config.simulation.rounds
+  if privacy.epsilon_budget <= 0 or not exp.levels:
+    return total
+
+  def fits(rounds: int) -> bool:
+    for plan in exp.levels:
+      ledger = PrivacyLedger()
+      for _ in range(rounds):
+        ledger.record(plan.round_event, plan.overflow_probability_per_round)
+      if ledger.epsilon(privacy.delta, privacy.accountant)[0] > privacy.epsilon_budget:
+        return False
+    return True
+
+  if fits(total):
+    return total
+  lo, hi = 0, total  # fits(lo) (0 rounds spend nothing), not fits(hi).
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo
 
 
 def _json_number(value: float) -> float | str:
   return value if math.isfinite(value) else ("inf" if value > 0 else "nan")
+
+
+def _json_numbers(tree: Any) -> Any:
+  """Non-finite floats of nested dicts as strings, which strict JSON can hold."""
+  if isinstance(tree, dict):
+    return {key: _json_numbers(value) for key, value in tree.items()}
+  return _json_number(tree) if isinstance(tree, float) else tree
 
 
 def run(config: Config, out_dir: str | Path, resume: bool = False,
@@ -161,15 +204,20 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
   log = ckpt.MetricsLog(out / "metrics.jsonl")
   checkpoint_path = out / "checkpoint.npz"
 
+  last_round = rounds_within_budget(exp)
+  if last_round == 0:
+    raise ValueError(f"privacy.epsilon_budget = {config.privacy.epsilon_budget} is exceeded by "
+                     "the first round alone; raise the budget or the noise multiplier")
   init_key, rounds_key = jax.random.split(jax.random.key(sim.seed))
   state = server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
-  ledger = PrivacyLedger()
+  ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
   start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0}
   if resume and checkpoint_path.exists():
     state, extra = ckpt.load_checkpoint(checkpoint_path, state)
     _check_resumable(extra["config"], to_dict(config))
     start, totals = extra["round"], extra["totals"]
-    ledger = PrivacyLedger.from_state_dict(extra["ledger"])
+    ledgers = {unit: PrivacyLedger.from_state_dict(saved)
+               for unit, saved in extra["ledgers"].items()}
     log.truncate_after(start)
   else:
     log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
@@ -177,25 +225,25 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
 
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
-  bar = tqdm(total=sim.rounds, initial=start, disable=not progress, unit="round",
-             desc=f"{exp.privacy.unit}-level {sim.backend}")
+  bar = tqdm(total=last_round, initial=start, disable=not progress, unit="round",
+             desc=f"{config.privacy.unit}-level {sim.backend}")
   logged = start  # The last round whose metrics line is written.
 
   def log_evaluation(metrics, cohorts):
     nonlocal logged
     accuracy, loss = (float(v) for v in evaluator(state.params))
-    record = _eval_record(start, accuracy, loss, metrics, cohorts, exp, ledger, totals)
+    record = _eval_record(start, accuracy, loss, metrics, cohorts, exp, ledgers, totals)
     log.append(record)
     logged = start
     bar.set_postfix(acc=f"{accuracy:.3f}", eps=record.get("epsilon", "inf"))
 
   def evaluation_due(round_index):
     return round_index > logged and (round_index % sim.eval_every == 0 or
-                                     round_index == sim.rounds)
+                                     round_index == last_round)
 
   metrics = cohorts = None
   try:
-    for end in _block_ends(start, sim.rounds, sim.eval_every, sim.checkpoint_every):
+    for end in _block_ends(start, last_round, sim.eval_every, sim.checkpoint_every):
       cohorts = [exp.sampler.sample(r) for r in range(start, end)]
       keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
       with _stopwatch() as times:
@@ -203,9 +251,9 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
         metrics = jax.device_get(metrics)
       # The ledger is charged before `state` moves on, so no checkpoint can
       # ever hold a state that trained on rounds its ledger lacks.
-      if exp.privacy.round_event is not None:
+      for plan in exp.levels:
         for _ in range(start, end):
-          ledger.record(exp.privacy.round_event, exp.privacy.overflow_probability_per_round)
+          ledgers[plan.unit].record(plan.round_event, plan.overflow_probability_per_round)
       totals["wall"] += times["wall"] - times["compile"]
       totals["compile"] += times["compile"]
       totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
@@ -213,53 +261,58 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
       bar.update(len(cohorts))
       if evaluation_due(end):
         log_evaluation(metrics, cohorts)
-      if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == sim.rounds:
-        _save(checkpoint_path, state, end, totals, ledger, config)
+      if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == last_round:
+        _save(checkpoint_path, state, end, totals, ledgers, config)
   except KeyboardInterrupt:
     # A block cut short had donated the state it started from; otherwise the
     # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
       if evaluation_due(start):
         log_evaluation(metrics, cohorts)
-      _save(checkpoint_path, state, start, totals, ledger, config)
+      _save(checkpoint_path, state, start, totals, ledgers, config)
     raise
   finally:
     bar.close()
 
   # Also right when resuming a run that had already finished.
   accuracy, loss = (float(v) for v in evaluator(state.params))
-  report = _privacy_report(exp, ledger)
+  report = _privacy_report(exp, ledgers, stopped_by_budget=start < sim.rounds)
   summary = {
       "test_accuracy": _json_number(accuracy),
       "test_loss": _json_number(loss),
-      "rounds": sim.rounds,
+      "rounds": start,
+      "rounds_planned": sim.rounds,
       "backend": sim.backend,
       "wall_time_s": totals["wall"],
       "compile_time_s": totals["compile"],
       "examples_per_s": totals["examples"] / max(totals["wall"], 1e-9),
       "num_clients": exp.train.num_clients,
-      "privacy": {k: (_json_number(v) if isinstance(v, float) else v) for k, v in report.items()},
+      "privacy": _json_numbers(report),
   }
   ckpt.write_json(out / "summary.json", summary)
   return summary
 
 
-def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledger, totals):
+def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, totals):
   record = {"round": round_index, "test_accuracy": accuracy, "test_loss": loss,
             "wall_time_s": totals["wall"], "compile_time_s": totals["compile"],
             "cohort_overflow": int(sum(c.overflow for c in cohorts))}
   for name, values in metrics.items():
     summed = name in ("nonfinite_clients", "batch_overflow")
     record[name] = float(np.sum(values) if summed else np.mean(values))
-  if exp.privacy.unit != "none":
-    epsilon, delta_total = ledger.epsilon(exp.config.privacy.delta, exp.config.privacy.accountant)
-    record.update(epsilon=_json_number(epsilon), delta_total=delta_total)
+  privacy = exp.config.privacy
+  for plan in exp.levels:
+    epsilon, delta_total = ledgers[plan.unit].epsilon(privacy.delta, privacy.accountant)
+    # The primary level keeps the plain names; the example level under unit = both is prefixed.
+    prefix = "" if plan.unit == exp.privacy.unit else f"{plan.unit}_"
+    record.update({f"{prefix}epsilon": _json_number(epsilon), f"{prefix}delta_total": delta_total})
   return record
 
 
-def _save(path, state, round_index, totals, ledger, config: Config) -> None:
-  ckpt.save_checkpoint(path, state, {"round": round_index, "totals": totals,
-                                     "ledger": ledger.state_dict(), "config": to_dict(config)})
+def _save(path, state, round_index, totals, ledgers, config: Config) -> None:
+  ckpt.save_checkpoint(path, state, {
+      "round": round_index, "totals": totals, "config": to_dict(config),
+      "ledgers": {unit: ledger.state_dict() for unit, ledger in ledgers.items()}})
 
 
 def _check_resumable(saved: dict, current: dict) -> None:

@@ -207,7 +207,7 @@ def _check_equals_run_a(run_a, config, out, atol):
   for m, a in zip(metrics, a_metrics):
     assert m["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-6)
     assert m["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9)
-  assert extra["ledger"] == a_extra["ledger"]
+  assert extra["ledgers"] == a_extra["ledgers"]
   assert summary["privacy"]["epsilon"] == pytest.approx(a_summary["privacy"]["epsilon"],
                                                         rel=1e-12)
   assert summary["privacy"]["dp_event"] == a_summary["privacy"]["dp_event"]
