@@ -78,7 +78,8 @@ class Experiment(NamedTuple):
   levels: tuple[PrivacyPlan, ...]      # every accounted level (empty without privacy)
 
 
-def _optimizer(name: str, learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(name: str, learning_rate: Any) -> optax.GradientTransformation:
+  """The optax optimizer a config names (client.optimizer / server.optimizer); lr may be traced."""
   return {
       "sgd": lambda: optax.sgd(learning_rate),
       "momentum": lambda: optax.sgd(learning_rate, momentum=0.9),
@@ -176,8 +177,9 @@ def _example_plan(config: Config, train: FederatedDataset, batching: Batching, c
                      float(overflow), NEIGHBOURING["example"])
 
 
-def _privacy_levels(config: Config, train: FederatedDataset, sampler,
-                    batching: Batching) -> tuple[PrivacyPlan, ...]:
+def privacy_levels(config: Config, train: FederatedDataset, sampler,
+                   batching: Batching) -> tuple[PrivacyPlan, ...]:
+  """One PrivacyPlan per accounted level (user first), sigma calibrated where a target is set."""
   privacy = config.privacy
   levels = []
   if privacy.unit in ("user", "both"):
@@ -213,6 +215,70 @@ def calibrate(config: Config) -> Config:
   return dataclasses.replace(config, privacy=privacy)
 
 
+class Hyperparameters(NamedTuple):
+  """The values a sweep may trace: Python floats in `build`, scalars under `jax.vmap` in a sweep.
+
+  The example-level fields hold DP-SGD's clip norm and sigma whichever
+  privacy.unit asked for it (example or both).
+  """
+  client_learning_rate: Any
+  server_learning_rate: Any
+  clip_norm: Any
+  noise_multiplier: Any
+  example_clip_norm: Any
+  example_noise_multiplier: Any
+
+
+def hyperparameters(config: Config, levels: tuple[PrivacyPlan, ...]) -> Hyperparameters:
+  """The config's values, with each level's (calibrated) sigma from its plan."""
+  by_unit = {plan.unit: plan for plan in levels}
+  user, example = by_unit.get("user"), by_unit.get("example")
+  return Hyperparameters(
+      config.client.learning_rate, config.server.learning_rate,
+      user.clip_norm if user else config.privacy.clip_norm,
+      user.noise_multiplier if user else 0.0,
+      example.clip_norm if example else config.privacy.example_clip_norm,
+      example.noise_multiplier if example else 0.0)
+
+
+class Training(NamedTuple):
+  client_update: Callable
+  aggregator: Aggregator
+  server_optimizer: optax.GradientTransformation
+  round_fn: RoundFn
+
+
+def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) -> Training:
+  """Client update, aggregator, server optimizer and round function for `hp`.
+
+  Structural choices (optimizers, privacy unit, backend) come from `config`;
+  the numbers from `hp`, which may be traced (a sweep vmaps this over a grid).
+  """
+  privacy, sim = config.privacy, config.simulation
+  client_optimizer = make_optimizer(config.client.optimizer, hp.client_learning_rate)
+  if privacy.unit in ("example", "both"):
+    client_update = make_client_update(
+        model, client_optimizer,
+        ExampleDP(hp.example_clip_norm, hp.example_noise_multiplier,
+                  float(config.client.batch_size)))
+  else:
+    client_update = make_client_update(model, client_optimizer)
+  if privacy.unit in ("user", "both"):
+    aggregator = dp_mean(hp.clip_norm, hp.noise_multiplier, sampler.expected_cohort_size)
+  else:
+    # Example level alone: the server's mean is post-processing of DP-SGD outputs.
+    aggregator = weighted_mean(privacy.weighting)
+  server_lr = hp.server_learning_rate
+  if config.server.schedule == "cosine":
+    # The server takes one optimizer step per round. Decaying its step size is
+    # post-processing of the private updates, so it costs no privacy.
+    server_lr = optax.cosine_decay_schedule(server_lr, sim.rounds)
+  server_optimizer = make_optimizer(config.server.optimizer, server_lr)
+  round_fn = build_round(client_update, aggregator, server_optimizer, sim.backend,
+                         sim.client_chunk_size)
+  return Training(client_update, aggregator, server_optimizer, round_fn)
+
+
 def build(config: Config) -> Experiment:
   """Builds the experiment; raises ValueError on inconsistent settings, before compiling."""
   data, sim, privacy = config.data, config.simulation, config.privacy
@@ -230,34 +296,11 @@ def build(config: Config) -> Experiment:
                                config.client.local_steps)
   else:
     batching = Batching(config.client.local_steps, config.client.batch_size)
-  levels = _privacy_levels(config, train, sampler, batching)
-  by_unit = {plan.unit: plan for plan in levels}
+  levels = privacy_levels(config, train, sampler, batching)
   primary = levels[0] if levels else PrivacyPlan(
       "none", 0.0, 0.0, sampler.name, sampler.sampling_rate, None, 0.0, NEIGHBOURING["none"])
 
-  client_optimizer = _optimizer(config.client.optimizer, config.client.learning_rate)
-  if example_level:
-    plan = by_unit["example"]
-    client_update = make_client_update(
-        model, client_optimizer,
-        ExampleDP(plan.clip_norm, plan.noise_multiplier, float(config.client.batch_size)))
-  else:
-    client_update = make_client_update(model, client_optimizer)
-
-  if "user" in by_unit:
-    plan = by_unit["user"]
-    aggregator = dp_mean(plan.clip_norm, plan.noise_multiplier, sampler.expected_cohort_size)
-  else:
-    # Example level alone: the server's mean is post-processing of DP-SGD outputs.
-    aggregator = weighted_mean(privacy.weighting)
-
-  server_lr = config.server.learning_rate
-  if config.server.schedule == "cosine":
-    # The server takes one optimizer step per round. Decaying its step size is
-    # post-processing of the private updates, so it costs no privacy.
-    server_lr = optax.cosine_decay_schedule(server_lr, sim.rounds)
-  server_optimizer = _optimizer(config.server.optimizer, server_lr)
-  round_fn = build_round(client_update, aggregator, server_optimizer, sim.backend,
-                         sim.client_chunk_size)
-  return Experiment(config, train, x_test, y_test, model, sampler, client_update, aggregator,
-                    server_optimizer, round_fn, batching, primary, levels)
+  training = make_training(config, model, sampler, hyperparameters(config, levels))
+  return Experiment(config, train, x_test, y_test, model, sampler, training.client_update,
+                    training.aggregator, training.server_optimizer, training.round_fn, batching,
+                    primary, levels)

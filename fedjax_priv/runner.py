@@ -139,7 +139,7 @@ def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, config: Config) -> d
 
 def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
                     stopped_by_budget: bool) -> dict[str, Any]:
-  """The primary level's fields at the top (user level under unit = both), every level in `levels`."""
+  """The primary level at the top (user level under unit = both); every level in `levels`."""
   privacy = exp.config.privacy
   common = {"accountant": privacy.accountant, "delta": privacy.delta,
             "epsilon_budget": privacy.epsilon_budget or None,
@@ -154,33 +154,20 @@ def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
   return {**levels[exp.privacy.unit], **common, "unit": privacy.unit, "levels": levels}
 
 
-def rounds_within_budget(exp: Experiment) -> int:
-  """The most rounds (<= simulation.rounds) whose every level's epsilon fits privacy.epsilon_budget.
+def rounds_within_budget(exp: Experiment, ledgers: dict[str, PrivacyLedger],
+                         rounds_done: int) -> int:
+  """The last round (<= simulation.rounds) before which no level exceeds privacy.epsilon_budget.
 
-  Every round of a run releases the same events, so the epsilon after n
-  rounds is monotone in n and a bisection finds the last n that fits; the
-  runner stops there, before the round that would exceed the budget.
+  Every level's ledger is asked how many more of its rounds fit; the run
+  stops before the round that would take any level past the budget.
   """
   privacy, total = exp.config.privacy, exp.config.simulation.rounds
   if privacy.epsilon_budget <= 0 or not exp.levels:
     return total
-
-  def fits(rounds: int) -> bool:
-    for plan in exp.levels:
-      ledger = PrivacyLedger()
-      for _ in range(rounds):
-        ledger.record(plan.round_event, plan.overflow_probability_per_round)
-      if ledger.epsilon(privacy.delta, privacy.accountant)[0] > privacy.epsilon_budget:
-        return False
-    return True
-
-  if fits(total):
-    return total
-  lo, hi = 0, total  # fits(lo) (0 rounds spend nothing), not fits(hi).
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo
+  fits = [ledgers[plan.unit].rounds_within_budget(
+      plan.round_event, privacy.epsilon_budget, privacy.delta, total - rounds_done,
+      privacy.accountant) for plan in exp.levels]
+  return rounds_done + min(fits)
 
 
 def _json_number(value: float) -> float | str:
@@ -204,10 +191,6 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
   log = ckpt.MetricsLog(out / "metrics.jsonl")
   checkpoint_path = out / "checkpoint.npz"
 
-  last_round = rounds_within_budget(exp)
-  if last_round == 0:
-    raise ValueError(f"privacy.epsilon_budget = {config.privacy.epsilon_budget} is exceeded by "
-                     "the first round alone; raise the budget or the noise multiplier")
   init_key, rounds_key = jax.random.split(jax.random.key(sim.seed))
   state = server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
   ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
@@ -221,6 +204,10 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
     log.truncate_after(start)
   else:
     log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
+  last_round = rounds_within_budget(exp, ledgers, start)
+  if last_round == 0:
+    raise ValueError(f"privacy.epsilon_budget = {config.privacy.epsilon_budget} is exceeded by "
+                     "the first round alone; raise the budget or the noise multiplier")
   ckpt.write_json(out / "config.json", to_dict(config))
 
   trainer = _Trainer(exp)

@@ -20,6 +20,12 @@ def l2_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(squares, jnp.float32(0.0)))
 
 
+def l1_norm(tree: PyTree) -> jax.Array:
+  """Global L1 norm of all leaves taken together, as one float32 scalar."""
+  sums = [jnp.sum(jnp.abs(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
+  return sum(sums, jnp.float32(0.0))
+
+
 def all_finite(tree: PyTree) -> jax.Array:
   """Scalar bool: True when no leaf holds a NaN or an infinity."""
   flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]

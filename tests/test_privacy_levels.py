@@ -57,7 +57,7 @@ def both_run(tmp_path_factory):
 
 
 def test_both_levels_build_both_mechanisms():
-  """unit = both: DP-SGD (example clip, sigma) in clients and dp_mean (user clip, sigma) at the server."""
+  """unit = both: DP-SGD (example C, sigma) in clients, dp_mean (user C, sigma) at the server."""
   exp = build(_config(*BOTH))
   assert [plan.unit for plan in exp.levels] == ["user", "example"]
   user, example = exp.levels
@@ -131,7 +131,12 @@ def test_budget_checks_every_level():
   spent = {plan.unit: _epsilon(plan.round_event, 5) for plan in exp.levels}
   budget = max(spent.values()) * 0.999
   limited = build(_config(*BOTH, f"privacy.epsilon_budget={budget}"))
-  assert runner.rounds_within_budget(limited) == 4
+  ledgers = {plan.unit: accounting.PrivacyLedger() for plan in limited.levels}
+  assert runner.rounds_within_budget(limited, ledgers, 0) == 4
+  for plan in limited.levels:  # Two rounds already spent: two more fit.
+    ledgers[plan.unit].record(plan.round_event)
+    ledgers[plan.unit].record(plan.round_event)
+  assert runner.rounds_within_budget(limited, ledgers, 2) == 4
 
 
 def test_calibrate_returns_a_config_that_meets_the_target():

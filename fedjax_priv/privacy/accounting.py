@@ -16,6 +16,10 @@ means (noise std divided by the L2 sensitivity *under that relation*):
 * replace one user: fixed-size cohorts sampled without replacement. Swapping
   one user's clipped delta (norm ≤ C) for another moves the sum by ≤ 2C, so
   the event's noise multiplier is σ/2.
+* replace one unit by the "special" all-zero unit (`REPLACE_SPECIAL`): tree
+  aggregation without sampling (DP-FTRL, `tree_aggregation_event`). The
+  swapped contribution moves every tree node it enters by ≤ C, so the event's
+  noise multiplier is σ.
 
 `compute_epsilon` infers the relation from the event and refuses an event that
 mixes the two, because no single relation makes both parts correct.
@@ -29,7 +33,9 @@ References:
   Differential Privacy and Analytical Moments Accountant". Canonne, Kamath &
   Steinke 2020, "The Discrete Gaussian for Differential Privacy" (RDP → DP
   conversion used by `dp_accounting`). Meiser & Mohammadi 2018, Koskela et al.
-  2020, Doroshenko et al. 2022 (privacy loss distributions).
+  2020, Doroshenko et al. 2022 (privacy loss distributions). Kairouz, McMahan,
+  Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep) Learning
+  without Sampling or Shuffling" (tree aggregation, App. D).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import contextlib
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -97,7 +104,8 @@ def _quiet_rdp_convergence_warnings() -> Iterator[None]:
 # Argument checks.
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+  """`value` as an int >= minimum, or ValueError naming `name`."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f"{name} must be an integer, got {value!r}.")
   if value < minimum:
@@ -120,7 +128,8 @@ def _check_noise_multiplier(value: Any) -> float:
   return value
 
 
-def _check_probability(name: str, value: Any, *, allow_zero: bool) -> float:
+def check_probability(name: str, value: Any, *, allow_zero: bool) -> float:
+  """`value` as a float in (0, 1] ([0, 1] with allow_zero), or ValueError naming `name`."""
   value = _check_real(name, value)
   low_ok = value >= 0 if allow_zero else value > 0
   if not (low_ok and value <= 1):
@@ -129,7 +138,8 @@ def _check_probability(name: str, value: Any, *, allow_zero: bool) -> float:
   return value
 
 
-def _check_delta(delta: Any) -> float:
+def check_delta(delta: Any) -> float:
+  """`delta` as a float in (0, 1), or ValueError."""
   delta = _check_real("delta", delta)
   if not 0 < delta < 1:
     raise ValueError(f"delta must be in (0, 1), got {delta!r}.")
@@ -156,12 +166,20 @@ def _check_event(name: str, event: Any) -> dp_event.DpEvent:
 # Events.
 
 
+def _poisson_gaussian(q: float, noise_multiplier: float) -> dp_event.DpEvent:
+  """One Poisson-sampled Gaussian step; q = 1 is the unsampled Gaussian."""
+  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+  return gaussian if q == 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
+
+
 def user_level_event(
     noise_multiplier: float,
     rounds: int,
     sampling: str,
     num_clients: int,
     cohort_size: float,
+    *,
+    fixed_as_poisson: bool = False,
 ) -> dp_event.DpEvent:
   """DpEvent of `rounds` rounds of DP-FedAvg (McMahan et al. 2018).
 
@@ -205,6 +223,13 @@ def user_level_event(
     cohort_size == num_clients. Relation: add/remove one user, sensitivity C:
     ``SelfComposed(Gaussian(σ), rounds)``.
 
+  ``fixed_as_poisson=True`` accounts ``"fixed"`` cohorts as if they were
+  Poisson-sampled with q = cohort_size / num_clients (add/remove, σ). Many
+  papers report ε this way, but it is an approximation, not a proven bound
+  for the sampler that ran (shuffled or fixed-size batches can leak more than
+  Poisson ones; Chua et al. 2024, "How Private are DP-SGD Implementations?"),
+  so it is opt-in and emits a `UserWarning` naming the approximation.
+
   Args:
     noise_multiplier: σ, the noise std divided by the clipping norm C.
       Finite, >= 0 (0 means no privacy: ε = ∞).
@@ -214,6 +239,8 @@ def user_level_event(
     cohort_size: ``"poisson"``: expected cohort size in (0, num_clients];
       ``"fixed"``: the integer cohort size in [1, num_clients];
       ``"full"``: must equal num_clients.
+    fixed_as_poisson: only with ``sampling="fixed"``: account the fixed-size
+      cohorts as Poisson sampling (an approximation; warns). Default False.
 
   Returns:
     The DpEvent of all `rounds` rounds.
@@ -222,10 +249,17 @@ def user_level_event(
     ValueError: an argument is out of range, naming it and its value.
   """
   noise_multiplier = _check_noise_multiplier(noise_multiplier)
-  rounds = _check_int("rounds", rounds, 0)
+  if not isinstance(fixed_as_poisson, bool):
+    raise ValueError(f"fixed_as_poisson must be a bool, got {fixed_as_poisson!r}.")
+  if fixed_as_poisson and sampling != "fixed":
+    raise ValueError(
+        f"fixed_as_poisson=True applies only to sampling='fixed', got "
+        f"sampling={sampling!r}."
+    )
+  rounds = check_int("rounds", rounds, 0)
   if sampling not in _SAMPLINGS:
     raise ValueError(f"sampling must be one of {_SAMPLINGS}, got {sampling!r}.")
-  num_clients = _check_int("num_clients", num_clients, 1)
+  num_clients = check_int("num_clients", num_clients, 1)
   cohort_size = _check_real("cohort_size", cohort_size)
   if not 0 < cohort_size <= num_clients:
     raise ValueError(
@@ -233,21 +267,23 @@ def user_level_event(
         f"{cohort_size!r}."
     )
 
-  if sampling == "poisson":
-    q = cohort_size / num_clients
-    per_round = (
-        dp_accounting.GaussianDpEvent(noise_multiplier)
-        if q == 1
-        else dp_accounting.PoissonSampledDpEvent(
-            q, dp_accounting.GaussianDpEvent(noise_multiplier)
-        )
+  if sampling == "fixed" and not cohort_size.is_integer():
+    raise ValueError(
+        "cohort_size must be an integer for sampling='fixed', got "
+        f"{cohort_size!r}."
     )
+  if fixed_as_poisson:
+    warnings.warn(
+        f"fixed-size cohorts of {int(cohort_size)} out of {num_clients} are "
+        f"accounted as Poisson sampling with q = {cohort_size / num_clients:g} "
+        "(add/remove relation): an approximation, not a proven bound for "
+        "fixed-size sampling.",
+        UserWarning,
+        stacklevel=2,
+    )
+  if sampling == "poisson" or fixed_as_poisson:
+    per_round = _poisson_gaussian(cohort_size / num_clients, noise_multiplier)
   elif sampling == "fixed":
-    if not cohort_size.is_integer():
-      raise ValueError(
-          "cohort_size must be an integer for sampling='fixed', got "
-          f"{cohort_size!r}."
-      )
     per_round = dp_accounting.SampledWithoutReplacementDpEvent(
         num_clients,
         int(cohort_size),
@@ -291,15 +327,64 @@ def example_level_event(
     ValueError: an argument is out of range, naming it and its value.
   """
   noise_multiplier = _check_noise_multiplier(noise_multiplier)
-  steps = _check_int("steps", steps, 0)
-  q = _check_probability("sampling_rate", sampling_rate, allow_zero=False)
+  steps = check_int("steps", steps, 0)
+  q = check_probability("sampling_rate", sampling_rate, allow_zero=False)
   if steps == 0:
     return dp_accounting.NoOpDpEvent()
-  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-  per_step = (
-      gaussian if q == 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
-  )
-  return dp_accounting.SelfComposedDpEvent(per_step, steps)
+  return dp_accounting.SelfComposedDpEvent(_poisson_gaussian(q, noise_multiplier), steps)
+
+
+def tree_aggregation_event(
+    noise_multiplier: float, rounds: int, restart_every: int
+) -> dp_event.DpEvent:
+  """DpEvent of `rounds` rounds of DP-FTRL tree aggregation (Kairouz et al. 2021).
+
+  Each round clips every participating client's update to L2 norm C and adds
+  the sum as a leaf of a binary tree whose every node carries fresh
+  N(0, σ²C²·I) noise; the server releases noisy prefix sums (see
+  `fedjax_priv.privacy.dp_ftrl`). The tree restarts every `restart_every`
+  rounds (an epoch), and the accounting *requires* that each client
+  contributes to at most one round per epoch: no sampling or shuffling is
+  assumed, so nothing is amplified.
+
+  Relation: replace one user's data by the special user whose update is
+  always zero (``REPLACE_SPECIAL``; Kairouz et al. 2021, Sec. 2 and App. D).
+  The replaced update (norm ≤ C) enters one leaf and the ≤ ⌈log2(T + 1)⌉
+  nodes above it of a T-leaf tree, each with sensitivity C, so one epoch is
+  the Gaussian mechanism of multiplier σ/√⌈log2(T + 1)⌉ and epochs compose:
+  ``SelfComposed(SingleEpochTreeAggregation(σ, restart_every), epochs)``
+  plus one shorter tree for a trailing partial epoch. (The paper's own code
+  uses ⌈log2 T⌉ levels, which undercounts by one when T is a power of two;
+  `dp_accounting`'s ⌈log2(T + 1)⌉ is the safe count.)
+
+  Args:
+    noise_multiplier: σ, the std of each tree node's noise divided by C.
+      Finite, >= 0.
+    rounds: number of rounds run, >= 0; 0 gives ``NoOpDpEvent()``.
+    restart_every: rounds per tree (epoch), >= 1.
+
+  Returns:
+    The DpEvent of all `rounds` rounds; account it with ``accountant="rdp"``
+    (the PLD accountant does not support tree aggregation).
+
+  Raises:
+    ValueError: an argument is out of range, naming it and its value.
+  """
+  noise_multiplier = _check_noise_multiplier(noise_multiplier)
+  rounds = check_int("rounds", rounds, 0)
+  restart_every = check_int("restart_every", restart_every, 1)
+  epochs, remainder = divmod(rounds, restart_every)
+  parts = []
+  if epochs:
+    parts.append(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, restart_every),
+        epochs))
+  if remainder:
+    parts.append(
+        dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, remainder))
+  if not parts:
+    return dp_accounting.NoOpDpEvent()
+  return parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)
 
 
 # --------------------------------------------------------------------------
@@ -317,6 +402,8 @@ def _relations_used(event: dp_event.DpEvent) -> set[NeighboringRelation]:
   """
   if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
     return {NeighboringRelation.REPLACE_ONE}
+  if isinstance(event, dp_event.SingleEpochTreeAggregationDpEvent):
+    return {NeighboringRelation.REPLACE_SPECIAL}
   if isinstance(
       event, (dp_event.PoissonSampledDpEvent, dp_event.GaussianDpEvent)
   ):
@@ -331,11 +418,13 @@ def _relations_used(event: dp_event.DpEvent) -> set[NeighboringRelation]:
 def _neighboring_relation(event: dp_event.DpEvent) -> NeighboringRelation:
   relations = _relations_used(event)
   if len(relations) > 1:
+    names = sorted(relation.name for relation in relations)
     raise ValueError(
-        "event mixes SampledWithoutReplacementDpEvent (replace-one relation) "
-        "with PoissonSampledDpEvent or unsampled GaussianDpEvent (add/remove "
-        "relation); no single neighbouring relation makes both noise "
-        f"multipliers correct, so no ε is reported. Got event={event}."
+        f"event mixes neighbouring relations {names} (SampledWithoutReplacement"
+        "DpEvent: replace-one; SingleEpochTreeAggregationDpEvent: replace-"
+        "special; PoissonSampledDpEvent or unsampled GaussianDpEvent: add/"
+        "remove); no single neighbouring relation makes all noise multipliers "
+        f"correct, so no ε is reported. Got event={event}."
     )
   return relations.pop() if relations else NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -446,7 +535,7 @@ def compute_epsilon(
       chosen accountant cannot process (naming both).
     TypeError: `event` is not a DpEvent.
   """
-  delta = _check_delta(delta)
+  delta = check_delta(delta)
   acct = _composed_accountant(
       event, accountant, orders, value_discretization_interval
   )
@@ -535,8 +624,8 @@ def overflow_delta(
       epsilon >= 0
   ):
     raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}.")
-  rounds = _check_int("rounds", rounds, 0)
-  p = _check_probability(
+  rounds = check_int("rounds", rounds, 0)
+  p = check_probability(
       "overflow_probability_per_round",
       overflow_probability_per_round,
       allow_zero=True,
@@ -621,7 +710,7 @@ def calibrate_noise_multiplier(
   target = _check_real("target_epsilon", target_epsilon)
   if target <= 0:
     raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}.")
-  delta = _check_delta(delta)
+  delta = check_delta(delta)
   tolerance = _check_real("tolerance", tolerance)
   if not 0 < tolerance < 1:
     raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}.")
@@ -669,6 +758,66 @@ def calibrate_noise_multiplier(
   return hi
 
 
+def steps_within_budget(
+    make_event: Callable[[int], dp_event.DpEvent],
+    target_epsilon: float,
+    delta: float,
+    max_steps: int,
+    accountant: str = "rdp",
+    *,
+    orders: Sequence[float] | None = None,
+    value_discretization_interval: float = DEFAULT_PLD_DISCRETIZATION,
+) -> int:
+  """Largest T in [0, max_steps] with ε(make_event(T)) <= target_epsilon.
+
+  The budget counterpart of `calibrate_noise_multiplier`: with σ fixed, how
+  many rounds (or steps) can run before the next one would exceed the
+  budget. ε must be non-decreasing in T, which holds for every composition
+  of mechanisms. Exponential search from T = 1, then bisection: O(log T)
+  accountant calls, each composing one event.
+
+  Args:
+    make_event: T ↦ DpEvent of the first T steps, e.g.
+      ``lambda t: user_level_event(1.1, t, "poisson", 10**6, 100)``; must
+      accept T = 0 (usually ``NoOpDpEvent()``).
+    target_epsilon: ε budget, finite and > 0.
+    delta: δ in (0, 1).
+    max_steps: upper end of the search, >= 0.
+    accountant, orders, value_discretization_interval: as `compute_epsilon`.
+
+  Returns:
+    T: make_event(T) meets the budget and make_event(T + 1) does not (or
+    T = max_steps). 0 when even one step exceeds it.
+
+  Raises:
+    ValueError: a bad argument (named).
+  """
+  target = _check_real("target_epsilon", target_epsilon)
+  if target <= 0:
+    raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}.")
+  delta = check_delta(delta)
+  max_steps = check_int("max_steps", max_steps, 0)
+
+  def within(steps: int) -> bool:
+    event = _check_event("make_event(steps)", make_event(steps))
+    return compute_epsilon(
+        event, delta, accountant, orders=orders,
+        value_discretization_interval=value_discretization_interval) <= target
+
+  # Invariant: within(lo) and (hi > max_steps or not within(hi)).
+  lo, hi = 0, 1
+  while hi <= max_steps and within(hi):
+    lo, hi = hi, 2 * hi
+  hi = min(hi, max_steps + 1)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if within(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
 # --------------------------------------------------------------------------
 # Ledger.
 
@@ -697,6 +846,15 @@ def _event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
         "sample_size": int(event.sample_size),
         "event": _event_to_json(event.event),
     }
+  if isinstance(event, dp_event.SingleEpochTreeAggregationDpEvent):
+    counts = event.step_counts
+    return {
+        "type": "SingleEpochTreeAggregationDpEvent",
+        "noise_multiplier": float(event.noise_multiplier),
+        "step_counts": (
+            [int(c) for c in counts] if isinstance(counts, Sequence) else int(counts)
+        ),
+    }
   if isinstance(event, dp_event.SelfComposedDpEvent):
     return {
         "type": "SelfComposedDpEvent",
@@ -710,8 +868,9 @@ def _event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
     }
   raise ValueError(
       f"cannot serialise event of type {type(event).__name__}: only NoOp, "
-      "Gaussian, PoissonSampled, SampledWithoutReplacement, SelfComposed and "
-      "Composed DpEvents are supported."
+      "Gaussian, PoissonSampled, SampledWithoutReplacement, "
+      "SingleEpochTreeAggregation, SelfComposed and Composed DpEvents are "
+      "supported."
   )
 
 
@@ -736,6 +895,12 @@ def _event_from_json(data: Any) -> dp_event.DpEvent:
           int(data["source_dataset_size"]),
           int(data["sample_size"]),
           _event_from_json(data["event"]),
+      )
+    if kind == "SingleEpochTreeAggregationDpEvent":
+      counts = data["step_counts"]
+      return dp_accounting.SingleEpochTreeAggregationDpEvent(
+          float(data["noise_multiplier"]),
+          [int(c) for c in counts] if isinstance(counts, list) else int(counts),
       )
     if kind == "SelfComposedDpEvent":
       return dp_accounting.SelfComposedDpEvent(
@@ -783,7 +948,7 @@ class PrivacyLedger:
         [0, 1]; 0 when there is no truncation.
     """
     _check_event("event", event)
-    p = _check_probability(
+    p = check_probability(
         "overflow_probability", overflow_probability, allow_zero=True
     )
     if self._runs and self._runs[-1][0] == event:
@@ -842,6 +1007,47 @@ class PrivacyLedger:
     extra = _overflow_term(epsilon, self._overflow_probability_total)
     return epsilon, min(1.0, delta + extra)
 
+  def rounds_within_budget(
+      self,
+      next_round: dp_event.DpEvent,
+      target_epsilon: float,
+      delta: float,
+      max_rounds: int,
+      accountant: str = "rdp",
+      *,
+      orders: Sequence[float] | None = None,
+      value_discretization_interval: float = DEFAULT_PLD_DISCRETIZATION,
+  ) -> int:
+    """How many more rounds of `next_round` fit in an (ε, δ) budget.
+
+    The largest k <= max_rounds such that everything recorded so far
+    composed with k rounds of `next_round` has ε <= target_epsilon at
+    `delta` (see `steps_within_budget`). A runner calls it before each round
+    and stops at 0. Overflow δ (truncated Poisson cohorts) is charged by
+    `epsilon`, not here.
+
+    Args:
+      next_round: DpEvent of one upcoming round.
+      target_epsilon, delta, accountant, orders,
+        value_discretization_interval: as `steps_within_budget`.
+      max_rounds: the most rounds asked about, >= 0.
+
+    Returns:
+      k in [0, max_rounds].
+    """
+    _check_event("next_round", next_round)
+    spent = self.event
+
+    def make_event(k: int) -> dp_event.DpEvent:
+      if k == 0:
+        return spent
+      return dp_accounting.ComposedDpEvent(
+          [spent, dp_accounting.SelfComposedDpEvent(next_round, k)])
+
+    return steps_within_budget(
+        make_event, target_epsilon, delta, max_rounds, accountant, orders=orders,
+        value_discretization_interval=value_discretization_interval)
+
   def state_dict(self) -> dict[str, Any]:
     """JSON-serialisable state (plain dicts, lists, strs, ints, floats)."""
     return {
@@ -884,7 +1090,7 @@ class PrivacyLedger:
     for i, run in enumerate(runs):
       if not isinstance(run, Mapping) or "event" not in run:
         raise ValueError(f"state['runs'][{i}] must be a dict with 'event'.")
-      count = _check_int(f"state['runs'][{i}]['count']", run.get("count"), 1)
+      count = check_int(f"state['runs'][{i}]['count']", run.get("count"), 1)
       ledger._runs.append((_event_from_json(run["event"]), count))
     ledger._overflow_probability_total = float(total)
     return ledger
