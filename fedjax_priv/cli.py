@@ -1,6 +1,8 @@
 """The `fedjax-priv` command.
 
   fedjax-priv run CONFIG.toml [--set section.key=value ...] [--out DIR] [--resume]
+  fedjax-priv sweep CONFIG.toml --grid section.key=v1,v2,... [--grid ...] [--set ...] [--out DIR]
+  fedjax-priv calibrate CONFIG.toml [--set ...]
   fedjax-priv data prepare NAME [--source PATH] [--out PATH] [options]
 
 Exit status 2 and a message naming the key for a bad config, before anything
@@ -29,6 +31,20 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
   run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  sweep = commands.add_parser("sweep", help="train a grid of configurations as one program")
+  sweep.add_argument("config", help="TOML config file (the base of every run)")
+  sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="values of one config key; repeat for a product grid")
+  sweep.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a config key of the base")
+  sweep.add_argument("--out", default=None, help="output directory (default runs/<name>-sweep)")
+  sweep.add_argument("--max-parallel", type=int, default=None,
+                     help="the most runs vmapped at once (default: all)")
+  calibrate = commands.add_parser(
+      "calibrate", help="print the noise multipliers that meet the config's target epsilon")
+  calibrate.add_argument("config", help="TOML config file")
+  calibrate.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="KEY=VALUE", help="override a config key")
   _add_data_parser(commands)
   return parser
 
@@ -84,6 +100,45 @@ def _enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _sweep(args, config: config_lib.Config) -> int:
+  from fedjax_priv import sweep as sweep_lib  # Imports JAX; kept off the config-error path.
+  out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-sweep"
+  try:
+    grid = sweep_lib.parse_grid(args.grid)
+    traced = [key for key in grid if key in sweep_lib.TRACED]
+    outer = [key for key in grid if key not in sweep_lib.TRACED]
+    print(f"traced (one program, vmapped): {', '.join(traced) or '-'}")
+    print(f"outer loop (one compile each): {', '.join(outer) or '-'}")
+    result = sweep_lib.sweep(config, grid, args.max_parallel)
+  except (config_lib.ConfigError, ValueError) as error:
+    print(f"fedjax-priv: {error}", file=sys.stderr)
+    return 2
+  paths = sweep_lib.write_results(result, out)
+  keys = list(grid)
+  print("  ".join(keys + ["noise_mult", "epsilon", "test_acc"]))
+  for row in result.rows:
+    print("  ".join([str(row[k]) for k in keys] + [f"{row['noise_multiplier']:.4g}",
+                                                   f"{row['epsilon']:.3f}",
+                                                   f"{row['test_accuracy']:.4f}"]))
+  print(f"{len(result.rows)} runs: compile {result.compile_s:.1f} s, train {result.wall_s:.1f} s; "
+        f"wrote {', '.join(str(p) for p in paths.values())}")
+  return 0
+
+
+def _calibrate(config: config_lib.Config) -> int:
+  from fedjax_priv.experiment import calibrate  # Imports JAX; kept off the config-error path.
+  try:
+    calibrated = calibrate(config)
+  except ValueError as error:
+    print(f"fedjax-priv: {error}", file=sys.stderr)
+    return 2
+  privacy = calibrated.privacy
+  print(f"--set privacy.noise_multiplier={privacy.noise_multiplier:.6g}")
+  if privacy.unit == "both":
+    print(f"--set privacy.example_noise_multiplier={privacy.example_noise_multiplier:.6g}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.command == "data":
@@ -93,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
   except config_lib.ConfigError as error:
     print(f"fedjax-priv: config error: {error}", file=sys.stderr)
     return 2
-  out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
   _enable_compilation_cache()
+  if args.command == "sweep":
+    return _sweep(args, config)
+  if args.command == "calibrate":
+    return _calibrate(config)
+  out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
   from fedjax_priv import runner  # Imports JAX; kept off the config-error path.
   try:
     summary = runner.run(config, out, resume=args.resume, progress=not args.no_progress)
@@ -104,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
   privacy = summary["privacy"]
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "rounds",
                                             "wall_time_s", "compile_time_s")}, indent=2))
-  if privacy["unit"] != "none":
-    epsilon = privacy["epsilon"]  # "inf" (a string in JSON) when sigma = 0.
+  for level in privacy["levels"].values():
+    epsilon = level["epsilon"]  # "inf" (a string in JSON) when sigma = 0.
     epsilon = f"{epsilon:.3f}" if isinstance(epsilon, float) else epsilon
-    print(f"privacy: ({epsilon}, {privacy['delta_total']:.3g})-DP per "
-          f"{privacy['unit']} ({privacy['neighbouring_relation']}), {privacy['accountant']} "
-          f"accountant, noise multiplier {privacy['noise_multiplier']:.4g}")
+    print(f"privacy: ({epsilon}, {level['delta_total']:.3g})-DP per {level['unit']} "
+          f"({level['neighbouring_relation']}), {privacy['accountant']} accountant, "
+          f"noise multiplier {level['noise_multiplier']:.4g}")
+  if privacy["stopped_by_budget"]:
+    print(f"stopped after {summary['rounds']} of {summary['rounds_planned']} rounds: the next "
+          f"round would exceed privacy.epsilon_budget = {privacy['epsilon_budget']}")
   print(f"wrote {out}/summary.json and {out}/metrics.jsonl")
   return 0
 

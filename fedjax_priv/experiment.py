@@ -99,7 +99,8 @@ def _model(config: Config, input_shape, num_classes) -> Model:
   return cnn(input_shape, num_classes, conv_impl=config.model.conv_impl)
 
 
-def _sampler(config: Config, num_clients: int):
+def make_sampler(config: Config, num_clients: int):
+  """The cohort sampler simulation.sampling names, seeded by simulation.seed."""
   sim = config.simulation
   if sim.sampling == "poisson":
     return PoissonSampler(num_clients, sim.cohort_size / num_clients, sim.seed)
@@ -286,7 +287,7 @@ def build(config: Config) -> Experiment:
                                            data.seed, data.test_fraction)
   num_classes = int(max(train.y.max(), y_test.max())) + 1
   model = _model(config, train.feature_shape, num_classes)
-  sampler = _sampler(config, train.num_clients)
+  sampler = make_sampler(config, train.num_clients)
   example_level = privacy.unit in ("example", "both")
   if example_level:
     if int(train.client_sizes.min()) == 0:

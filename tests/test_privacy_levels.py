@@ -179,3 +179,17 @@ def test_fixed_as_poisson_is_an_explicit_warned_opt_in():
 def test_bad_privacy_settings_name_the_key(overrides, key):
   with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
     _config(*BASE, *overrides)
+
+
+def test_cli_calibrate_prints_the_noise_multipliers(tmp_path, capsys):
+  """`fedjax-priv calibrate` prints --set lines equal to calibrate()'s values."""
+  from fedjax_priv import cli
+  config = tmp_path / "c.toml"
+  config.write_text('[privacy]\nunit = "both"\ntarget_epsilon = 4.0\nexample_target_epsilon = 6.0\n')
+  overrides = [item for text in BASE for item in ("--set", text)]
+  assert cli.main(["calibrate", str(config), *overrides]) == 0
+  printed = capsys.readouterr().out.split()
+  expected = calibrate(config_lib.load(config, BASE)).privacy
+  assert printed == ["--set", f"privacy.noise_multiplier={expected.noise_multiplier:.6g}",
+                     "--set",
+                     f"privacy.example_noise_multiplier={expected.example_noise_multiplier:.6g}"]

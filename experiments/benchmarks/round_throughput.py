@@ -59,7 +59,8 @@ How
 Usage
   python experiments/benchmarks/round_throughput.py [--workload mlp|cnn|all]
       [--cohorts 16,64] [--chunk-sizes 64,16] [--repeats 10] [--time-budget 20]
-      [--scan-rounds 10] [--dtype float32|bfloat16] [--breakdown] [--json OUT]
+      [--scan-rounds 10] [--loop-max-clients N] [--vmap-max-clients N]
+      [--dtype float32|bfloat16] [--breakdown] [--json OUT]
 
 `--breakdown` adds, per workload and K, the time of the parts of a round
 (local training looped vs vmapped, the loop backend's per-client slicing and
@@ -526,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "(at least 2; 0 skips the scan measurement; default %(default)s)")
   parser.add_argument("--loop-max-clients", type=int, default=loop_max,
                       help="largest cohort the loop backend runs (default %(default)s)")
+  parser.add_argument("--vmap-max-clients", type=int, default=1 << 30,
+                      help="largest cohort the raw vmap backend runs (default: all)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="dtype of params and inputs (default %(default)s)")
   parser.add_argument("--conv-impl", choices=("auto", "xla", "patches"), default="auto",
@@ -568,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(name, POPULATION_FACTOR * max(cohorts), args.dtype,
                              args.conv_impl, args.seed)
     for k in cohorts:
-      variants = ([Variant("loop")] if k <= args.loop_max_clients else []) + [Variant("vmap")]
+      variants = ([Variant("loop")] if k <= args.loop_max_clients else [])
+      variants += [Variant("vmap")] if k <= args.vmap_max_clients else []
       # A chunk as large as the cohort is the vmap round; a larger one only pads.
       variants += [Variant("chunked", c) for c in args.chunk_sizes if c < k]
       for r in measure_cohort(workload, k, variants, args, clock):

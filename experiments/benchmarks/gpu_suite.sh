@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The prepared accelerator run (issue: scale out and benchmarks): correctness
+# first, then timings, every number into JSON files under $RESULTS.
+#
+#   bash experiments/benchmarks/gpu_suite.sh RESULTS_DIR
+#
+# Expects python3 with jax (CUDA), flax, optax, torch and dp-accounting; runs
+# from the repository root without installing the package (PYTHONPATH=.).
+# Each step is independent: one that fails is reported and the next still runs,
+# so one broken benchmark cannot cost the whole (short) lease.
+# QUICK=1 shrinks every size, to rehearse the script on a CPU.
+set -u
+RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
+mkdir -p "$RESULTS"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PYTHON:-python3}
+
+if [[ "${QUICK:-0}" == 1 ]]; then
+  COHORTS=4,8; F32_COHORTS=4; CHUNKS=4; LOOP_MAX=4; VMAP_MAX=8; TORCH_COHORTS=4; REPEATS=2
+  SWEEP_ROUNDS=2; SCALE=1
+  TESTS=(tests/privacy/test_aggregation.py)
+else
+  COHORTS=16,64,256,1024,4096; F32_COHORTS=64,1024,4096; CHUNKS=64; LOOP_MAX=64; VMAP_MAX=256
+  TORCH_COHORTS=64; REPEATS=5; SWEEP_ROUNDS=20; SCALE=1
+  TESTS=(tests/simulation/test_round.py)
+fi
+
+step() {  # step NAME SECONDS COMMAND...: runs, times and logs one step; never stops the suite.
+  local name=$1 limit=$2; shift 2
+  local tic=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --signal=INT --kill-after=10 "$((limit * SCALE))" "$@" > "$RESULTS/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$RESULTS/$name.log"
+  echo "=== $name: exit $rc after $((SECONDS - tic)) s"
+  echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - tic))}" >> "$RESULTS/steps.jsonl"
+}
+
+# Correctness first (backends agree, noise statistics), then timings in the
+# order of what matters most, each under a limit so the whole fits one call.
+step environment 30 $PY -c "import jax, torch; print(jax.__version__, jax.devices()); \
+print(torch.__version__, torch.cuda.is_available())"
+step tests 80 $PY -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+step cnn_bfloat16 170 $PY experiments/benchmarks/round_throughput.py --workload cnn \
+  --cohorts "$COHORTS" --chunk-sizes "$CHUNKS" --loop-max-clients "$LOOP_MAX" \
+  --vmap-max-clients "$VMAP_MAX" --repeats "$REPEATS" --time-budget 5 --scan-rounds 5 \
+  --dtype bfloat16 --json "$RESULTS/cnn_bfloat16.json"
+for dtype in bfloat16 float32; do
+  step "torch_loop_$dtype" 35 $PY experiments/benchmarks/torch_client_loop.py \
+    --cohorts "$TORCH_COHORTS" --repeats 3 --dtype "$dtype" --json "$RESULTS/torch_loop_$dtype.json"
+done
+if [[ -f experiments/benchmarks/he_aggregation.py ]]; then
+  step he_aggregation 50 $PY experiments/benchmarks/he_aggregation.py --no-peers \
+    --json "$RESULTS/he_aggregation.json"
+fi
+step sweep 50 $PY experiments/benchmarks/sweep.py --rounds "$SWEEP_ROUNDS" \
+  --json "$RESULTS/sweep.json"
+step cnn_float32 90 $PY experiments/benchmarks/round_throughput.py --workload cnn \
+  --cohorts "$F32_COHORTS" --chunk-sizes "$CHUNKS" --loop-max-clients "$LOOP_MAX" \
+  --vmap-max-clients "$VMAP_MAX" --repeats 3 --time-budget 3 --scan-rounds 3 \
+  --dtype float32 --json "$RESULTS/cnn_float32.json"

@@ -1,0 +1,60 @@
+"""Whole training runs vmapped over a grid of traced hyper-parameters: a sweep is one program.
+
+`make_sweep_program(exp)` returns a function that trains and evaluates G runs
+at once, one per row of a `Hyperparameters` pytree whose leaves are [G]
+arrays. Every run is exactly the run `runner.run` would do with the same
+config: the same initial key split, the same per-round keys, the same cohorts
+(sampled on the host and passed in), the same data kept on the device. What
+changes shapes (cohort size, model, local steps, ...) cannot be traced; the
+host-side driver (`fedjax_priv.sweep`) loops over such values outside.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_priv.algorithms.server import server_init
+from fedjax_priv.data.packing import CohortData
+from fedjax_priv.simulation.program import rounds_on_device
+
+
+def make_sweep_program(exp, evaluator: Callable) -> Callable:
+  """`(hp [G], seeds [G], population, indices [G, R, K], masks [G, R, K]) -> metrics [G]`.
+
+  Args:
+    exp: the `Experiment` whose structure (model, sampler, batching, privacy
+      unit, optimizers, backend) every run shares.
+    evaluator: `params -> (accuracy, loss)` on the test set, traceable.
+
+  Returns:
+    A pure function to jit. `hp` is an `experiment.Hyperparameters` whose
+    leaves are [G] float32 arrays; `seeds` [G] int32 (simulation.seed of each
+    run); `population` the device-resident `CohortData` of every client;
+    `indices`/`masks` each run's cohorts. It returns a dict of [G] arrays:
+    test_accuracy, test_loss, and the mean over rounds of train_loss,
+    clipped_fraction (when the aggregator clips) and nonfinite_clients.
+  """
+  # Imported here: experiment imports the simulation package.
+  from fedjax_priv.experiment import make_training
+
+  config, rounds = exp.config, exp.config.simulation.rounds
+
+  def one_run(hp, seed, population: CohortData, indices, masks):
+    training = make_training(config, exp.model, exp.sampler, hp)
+    init_key, rounds_key = jax.random.split(jax.random.key(seed))
+    state = server_init(exp.model.init(init_key), training.server_optimizer, training.aggregator)
+    keys = jax.vmap(lambda r: jax.random.fold_in(rounds_key, r))(jnp.arange(rounds))
+    run = rounds_on_device(training.round_fn, exp.batching)
+    state, metrics = run(state, population, indices, masks, keys)
+    accuracy, loss = evaluator(state.params)
+    summary = {"test_accuracy": accuracy, "test_loss": loss,
+               "train_loss": jnp.mean(metrics["train_loss"]),
+               "nonfinite_clients": jnp.sum(metrics["nonfinite_clients"])}
+    if "clipped_fraction" in metrics:
+      summary["clipped_fraction"] = jnp.mean(metrics["clipped_fraction"])
+    return summary
+
+  return jax.vmap(one_run, in_axes=(0, 0, None, 0, 0))

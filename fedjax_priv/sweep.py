@@ -1,0 +1,225 @@
+"""Sweeps: many private-FL configurations trained as one vmapped program, each with its own epsilon.
+
+`sweep(config, grid)` trains every combination of the grid's values. Keys
+whose values are plain numbers inside the round (learning rates, clip norms,
+noise multipliers or the epsilon they are calibrated to, seeds: `TRACED`) are
+stacked along a leading axis and trained together by one jitted, vmapped
+program (`simulation.sweep`), compiled once. Every other key changes shapes
+or structure (cohort size, model, local steps, ...): its values are swept by
+an outer Python loop, one compile per value, and the result says which keys
+went which way. Each run keeps its own accounting: its epsilon is computed on
+the host from the events its own noise multiplier and sampling produce,
+exactly as `runner.run` would report for the same config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_priv import checkpoint as ckpt
+from fedjax_priv import config as config_lib
+from fedjax_priv.config import Config, ConfigError
+from fedjax_priv.data.packing import pad_population
+from fedjax_priv.experiment import (Hyperparameters, build, hyperparameters, make_sampler,
+                                    privacy_levels)
+from fedjax_priv.privacy.accounting import PrivacyLedger
+from fedjax_priv.runner import make_evaluator
+from fedjax_priv.simulation.sweep import make_sweep_program
+
+# Config keys a sweep traces (vmaps over) rather than recompiling for.
+TRACED = ("client.learning_rate", "server.learning_rate", "privacy.clip_norm",
+          "privacy.noise_multiplier", "privacy.target_epsilon", "privacy.example_clip_norm",
+          "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
+          "simulation.seed")
+
+
+class SweepResult(NamedTuple):
+  """rows: one dict per run (grid values, sigma, epsilon, accuracy, ...);
+  traced / outer: the grid keys vmapped over / looped over (one compile per outer value);
+  compile_s / wall_s: XLA compile time and total wall time of the training programs."""
+  rows: list[dict[str, Any]]
+  traced: tuple[str, ...]
+  outer: tuple[str, ...]
+  compile_s: float
+  wall_s: float
+
+
+def parse_grid(texts: Sequence[str]) -> dict[str, list[Any]]:
+  """['privacy.noise_multiplier=0.5,1,2', ...] -> {'privacy.noise_multiplier': [0.5, 1, 2]}.
+
+  Each value is read as TOML (numbers, booleans), else kept as a string.
+  """
+  grid: dict[str, list[Any]] = {}
+  for text in texts:
+    if "=" not in text:
+      raise ConfigError(f"--grid expects key=v1,v2,..., got {text!r}")
+    key, values = text.split("=", 1)
+    key = key.strip()
+    if key in grid:
+      raise ConfigError(f"--grid names {key} twice")
+    grid[key] = [config_lib.parse_override(f"{key}={value}")[1] for value in values.split(",")]
+    if not grid[key] or any(value == "" for value in grid[key]):
+      raise ConfigError(f"--grid {key} has an empty value in {values!r}")
+  return grid
+
+
+def _with(config: Config, values: dict[str, Any]) -> Config:
+  """`config` with `values` set, validated as a whole (errors name the key)."""
+  raw = config_lib.to_dict(config)
+  for key, value in values.items():
+    if key.count(".") != 1:
+      raise ConfigError(f"grid key must look like section.name, got {key!r}")
+    section, name = key.split(".")
+    if section not in raw or name not in raw[section]:
+      raise ConfigError(f"unknown config key '{key}' in the sweep grid")
+    raw[section][name] = value
+  return config_lib.from_dict(raw)
+
+
+def _stack(points: list[Hyperparameters]) -> Hyperparameters:
+  return Hyperparameters(*(jnp.asarray([float(v) for v in column], jnp.float32)
+                           for column in zip(*points)))
+
+
+def _cohorts(config: Config, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+  sampler = make_sampler(config, num_clients)
+  cohorts = [sampler.sample(r) for r in range(config.simulation.rounds)]
+  return (np.stack([c.indices for c in cohorts]).astype(np.int32),
+          np.stack([c.mask for c in cohorts]).astype(np.float32))
+
+
+def _privacy_columns(config: Config, levels) -> dict[str, Any]:
+  """Each level's sigma and epsilon after simulation.rounds rounds (as the runner reports)."""
+  privacy = config.privacy
+  columns: dict[str, Any] = {"delta": privacy.delta if levels else None}
+  for i, plan in enumerate(levels):
+    ledger = PrivacyLedger()
+    for _ in range(config.simulation.rounds):
+      ledger.record(plan.round_event, plan.overflow_probability_per_round)
+    epsilon, delta_total = ledger.epsilon(privacy.delta, privacy.accountant)
+    prefix = "" if i == 0 else f"{plan.unit}_"
+    columns.update({f"{prefix}noise_multiplier": plan.noise_multiplier,
+                    f"{prefix}epsilon": epsilon, f"{prefix}delta_total": delta_total})
+  if not levels:
+    columns.update(noise_multiplier=0.0, epsilon=float("inf"))
+  return columns
+
+
+def sweep(config: Config, grid: dict[str, Sequence[Any]],
+          max_parallel: int | None = None) -> SweepResult:
+  """Trains every combination of `grid` (over `config`); see the module docstring.
+
+  Args:
+    config: the base configuration.
+    grid: config key -> values, e.g. {"privacy.noise_multiplier": [0.5, 1.0]}.
+    max_parallel: the most runs vmapped at once (memory grows with it); the
+      runs of one outer value are split into equal groups of at most this
+      many, padded by repeating a run, so every group reuses one compile.
+
+  Returns:
+    A SweepResult whose rows follow itertools.product order of the grid.
+
+  Raises:
+    ConfigError: a key or value is invalid (named), before anything compiles.
+  """
+  if not grid:
+    raise ConfigError("a sweep needs at least one --grid key")
+  if max_parallel is not None and max_parallel < 1:
+    raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
+  traced = tuple(key for key in grid if key in TRACED)
+  outer = tuple(key for key in grid if key not in TRACED)
+  # Every configuration is validated before anything is built or compiled.
+  outer_points = [dict(zip(outer, values)) for values in itertools.product(
+      *(grid[key] for key in outer))]
+  traced_points = [dict(zip(traced, values)) for values in itertools.product(
+      *(grid[key] for key in traced))]
+  configs = {i: [_with(config, {**o, **t}) for t in traced_points]
+             for i, o in enumerate(outer_points)}
+
+  rows, compile_s, wall_s = [], 0.0, 0.0
+  for i, outer_values in enumerate(outer_points):
+    base = _with(config, outer_values)
+    exp = build(base)
+    population = jax.device_put(pad_population(exp.train))
+    points, seeds, indices, masks, privacy = [], [], [], [], []
+    for run_config in configs[i]:
+      levels = privacy_levels(run_config, exp.train, exp.sampler, exp.batching)
+      points.append(hyperparameters(run_config, levels))
+      seeds.append(run_config.simulation.seed)
+      cohort_indices, cohort_masks = _cohorts(run_config, exp.train.num_clients)
+      indices.append(cohort_indices)
+      masks.append(cohort_masks)
+      privacy.append(_privacy_columns(run_config, levels))
+    program = jax.jit(make_sweep_program(exp, make_evaluator(exp)))
+    group = len(points) if max_parallel is None else min(max_parallel, len(points))
+    num_groups = -(-len(points) // group)
+    group = -(-len(points) // num_groups)
+    metrics = []
+    for start in range(0, len(points), group):
+      take = list(range(start, min(start + group, len(points))))
+      take += [take[-1]] * (group - len(take))  # Static shapes: one compile for all groups.
+      tic = time.perf_counter()
+      if start == 0:
+        lowered = program.lower(_stack([points[j] for j in take]),
+                                jnp.asarray([seeds[j] for j in take], jnp.int32), population,
+                                np.stack([indices[j] for j in take]),
+                                np.stack([masks[j] for j in take]))
+        compiled = lowered.compile()
+        compile_s += time.perf_counter() - tic
+        tic = time.perf_counter()
+      out = compiled(_stack([points[j] for j in take]),
+                     jnp.asarray([seeds[j] for j in take], jnp.int32), population,
+                     np.stack([indices[j] for j in take]), np.stack([masks[j] for j in take]))
+      out = jax.device_get(out)
+      wall_s += time.perf_counter() - tic
+      metrics += [{name: float(values[n]) for name, values in out.items()}
+                  for n in range(min(group, len(points) - start))]
+    for t, m, p in zip(traced_points, metrics, privacy):
+      rows.append({**outer_values, **t, **p, **m})
+  return SweepResult(rows, traced, outer, compile_s, wall_s)
+
+
+def write_results(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:
+  """Writes results.csv, results.json and (with matplotlib) accuracy_vs_epsilon.png atomically."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  columns = list(dict.fromkeys(key for row in result.rows for key in row))
+  text = io.StringIO()
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  writer.writerows(result.rows)
+  paths = {"csv": out / "results.csv", "json": out / "results.json"}
+  ckpt.write_atomic(paths["csv"], text.getvalue().encode())
+  ckpt.write_json(paths["json"], {
+      "traced": list(result.traced), "outer": list(result.outer),
+      "compile_s": result.compile_s, "wall_s": result.wall_s,
+      "rows": [{k: (v if not isinstance(v, float) or np.isfinite(v) else str(v))
+                for k, v in row.items()} for row in result.rows]})
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+  except ImportError:
+    return paths
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  finite = [row for row in result.rows if np.isfinite(row["epsilon"])]
+  ax.scatter([row["epsilon"] for row in finite], [row["test_accuracy"] for row in finite])
+  ax.set_xlabel("epsilon (accountant)")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(f"{len(result.rows)} runs; traced: {', '.join(result.traced) or '-'}", fontsize=8)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
+  plt.close(fig)
+  paths["png"] = out / "accuracy_vs_epsilon.png"
+  ckpt.write_atomic(paths["png"], buffer.getvalue())
+  return paths

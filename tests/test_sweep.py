@@ -1,0 +1,140 @@
+"""Tests of `fedjax_priv.sweep`: a grid trained as one vmapped program equals separate runs.
+
+Tiny runs: logistic regression, 8 clients, cohorts of 4, 4 rounds.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedjax_priv import cli
+from fedjax_priv import config as config_lib
+from fedjax_priv import runner, sweep
+from fedjax_priv.privacy import accounting
+
+BASE = [
+    "model.name=logistic_regression",
+    "data.num_clients=8",
+    "simulation.cohort_size=4",
+    "simulation.rounds=4",
+    "simulation.eval_every=4",
+    "client.local_steps=2",
+    "client.batch_size=8",
+    "simulation.backend=vmap",
+    "privacy.unit=user",
+]
+
+
+def _config(*overrides):
+  return config_lib.load(None, BASE + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def grid_result():
+  grid = {"privacy.noise_multiplier": [0.5, 2.0], "simulation.seed": [0, 3],
+          "client.learning_rate": [0.1, 0.4]}
+  return sweep.sweep(_config(), grid, max_parallel=3), grid
+
+
+def test_every_run_equals_the_runner_on_its_config(grid_result, tmp_path):
+  """Same keys, cohorts and data as `runner.run`: the same accuracy, loss and epsilon."""
+  result, grid = grid_result
+  assert result.traced == tuple(grid) and result.outer == ()
+  assert len(result.rows) == 8
+  for row in (result.rows[0], result.rows[-3]):
+    overrides = [f"{key}={row[key]}" for key in grid]
+    summary = runner.run(_config(*overrides), tmp_path / str(len(overrides)), progress=False)
+    assert row["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1.5 / 360)
+    assert row["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
+    assert row["epsilon"] == pytest.approx(summary["privacy"]["epsilon"], rel=1e-9)
+
+
+def test_runs_differ_and_keep_their_own_accounting(grid_result):
+  """Each row's epsilon is its own sigma's; different hyper-parameters train differently."""
+  result, _ = grid_result
+  exp_eps = {}
+  for sigma in (0.5, 2.0):
+    event = accounting.user_level_event(sigma, 1, "fixed", 8, 4)
+    ledger = accounting.PrivacyLedger()
+    for _ in range(4):
+      ledger.record(event)
+    exp_eps[sigma] = ledger.epsilon(1e-5)[0]
+  for row in result.rows:
+    assert row["noise_multiplier"] == row["privacy.noise_multiplier"]
+    assert row["epsilon"] == pytest.approx(exp_eps[row["privacy.noise_multiplier"]], rel=1e-9)
+  losses = {row["test_loss"] for row in result.rows}
+  assert len(losses) == len(result.rows)
+
+
+def test_grouping_does_not_change_results(grid_result):
+  """max_parallel splits runs into padded groups of one compile; results are unchanged."""
+  result, grid = grid_result
+  sub = {key: grid[key] for key in ("privacy.noise_multiplier", "simulation.seed")}
+  sub["client.learning_rate"] = grid["client.learning_rate"][:1]
+  together = sweep.sweep(_config(), sub)
+  expected = [row for row in result.rows if row["client.learning_rate"] == 0.1]
+  for got, want in zip(together.rows, expected):
+    assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+
+
+def test_target_epsilon_is_calibrated_per_run():
+  """Sweeping privacy.target_epsilon calibrates sigma on the host for every run."""
+  result = sweep.sweep(_config(), {"privacy.target_epsilon": [2.0, 8.0]})
+  sigmas = [row["noise_multiplier"] for row in result.rows]
+  assert sigmas[0] > sigmas[1]
+  for row in result.rows:
+    assert 0.99 * row["privacy.target_epsilon"] < row["epsilon"] <= row["privacy.target_epsilon"]
+
+
+def test_shape_changing_keys_go_to_the_outer_loop():
+  result = sweep.sweep(_config(), {"simulation.cohort_size": [2, 4],
+                                   "privacy.noise_multiplier": [1.0, 3.0]})
+  assert result.outer == ("simulation.cohort_size",)
+  assert result.traced == ("privacy.noise_multiplier",)
+  assert [(r["simulation.cohort_size"], r["privacy.noise_multiplier"]) for r in result.rows] == [
+      (2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)]
+  assert result.rows[0]["epsilon"] != result.rows[2]["epsilon"]  # q differs.
+
+
+@pytest.mark.parametrize("grid,message", [
+    ({"privacy.noise_multiplier": [1.0, -1.0]}, "privacy.noise_multiplier"),
+    ({"privacy.nois_multiplier": [1.0]}, "privacy.nois_multiplier"),
+    ({"simulation.cohort_size": [4, 99]}, "simulation.cohort_size"),
+    ({}, "grid"),
+])
+def test_bad_grids_fail_before_compiling(grid, message):
+  with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+    sweep.sweep(_config(), grid)
+
+
+def test_parse_grid():
+  assert sweep.parse_grid(["privacy.clip_norm=0.5,1", "simulation.backend=vmap,loop"]) == {
+      "privacy.clip_norm": [0.5, 1], "simulation.backend": ["vmap", "loop"]}
+  for bad in (["privacy.clip_norm"], ["a.b=1", "a.b=2"], ["a.b=1,,2"]):
+    with pytest.raises(config_lib.ConfigError):
+      sweep.parse_grid(bad)
+
+
+def test_cli_sweep_writes_csv_json_and_plot(tmp_path, capsys):
+  config = tmp_path / "base.toml"
+  config.write_text("\n".join([
+      "[model]", 'name = "logistic_regression"',
+      "[data]", "num_clients = 6",
+      "[client]", "local_steps = 1", "batch_size = 8",
+      "[privacy]", 'unit = "user"',
+      "[simulation]", "cohort_size = 3", "rounds = 2", 'backend = "vmap"']))
+  out = tmp_path / "out"
+  code = cli.main(["sweep", str(config), "--grid", "privacy.noise_multiplier=0.8,1.6",
+                   "--out", str(out)])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "traced (one program, vmapped): privacy.noise_multiplier" in printed
+  assert "outer loop (one compile each): -" in printed
+  report = json.loads((out / "results.json").read_text())
+  assert [row["privacy.noise_multiplier"] for row in report["rows"]] == [0.8, 1.6]
+  lines = (out / "results.csv").read_text().splitlines()
+  assert len(lines) == 3 and "epsilon" in lines[0]
+  assert (out / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+  assert np.isfinite(report["rows"][0]["epsilon"])
+  assert cli.main(["sweep", str(config), "--grid", "privacy.bogus=1"]) == 2
