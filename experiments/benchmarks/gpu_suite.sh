@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: runs, times and logs one step; never s
 # order of what matters most, each under a limit so the whole fits one call.
 step environment 30 $PY -c "import jax, torch; print(jax.__version__, jax.devices()); \
 print(torch.__version__, torch.cuda.is_available())"
-step tests 80 $PY -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+step tests 60 $PY -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
 step cnn_bfloat16 170 $PY experiments/benchmarks/round_throughput.py --workload cnn \
   --cohorts "$COHORTS" --chunk-sizes "$CHUNKS" --loop-max-clients "$LOOP_MAX" \
   --vmap-max-clients "$VMAP_MAX" --repeats "$REPEATS" --time-budget 5 --scan-rounds 5 \
@@ -54,7 +54,7 @@ if [[ -f experiments/benchmarks/he_aggregation.py ]]; then
   step he_aggregation 50 $PY experiments/benchmarks/he_aggregation.py --no-peers \
     --json "$RESULTS/he_aggregation.json"
 fi
-step sweep 50 $PY experiments/benchmarks/sweep.py --rounds "$SWEEP_ROUNDS" \
+step sweep 70 $PY experiments/benchmarks/sweep.py --rounds "$SWEEP_ROUNDS" \
   --json "$RESULTS/sweep.json"
 step cnn_float32 90 $PY experiments/benchmarks/round_throughput.py --workload cnn \
   --cohorts "$F32_COHORTS" --chunk-sizes "$CHUNKS" --loop-max-clients "$LOOP_MAX" \
