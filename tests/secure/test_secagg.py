@@ -1,0 +1,290 @@
+"""Tests for fedjax_priv.secure.secagg and the secure_sum aggregator.
+
+Compiles are shared: each protocol configuration is jitted once for a fixed
+number of slots, and cohorts of different sizes are real clients in a prefix
+of the slots (cohort_mask), with dropouts passed as data.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+from fedjax_priv.algorithms.client_update import make_client_update
+from fedjax_priv.algorithms.server import server_init
+from fedjax_priv.data.device import ClientBatch
+from fedjax_priv.models.zoo import logistic_regression
+from fedjax_priv.secure import quantization as quant
+from fedjax_priv.secure import secagg
+from fedjax_priv.secure.aggregators import SecureSumFailed, check_threshold, secure_sum
+from fedjax_priv.simulation.round import build_round
+
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def protocol(num_slots, dim, bits, degree, kind="hash", threshold=None):
+  return _protocol(num_slots, dim, bits, degree, kind, threshold)  # One cache key per config.
+
+
+@functools.cache
+def _protocol(num_slots, dim, bits, degree, kind, threshold):
+  """Jitted (inputs, cohort_mask, included, round_key) -> (unmasked, ok, plain sum, masked)."""
+
+  def run(x, cohort_mask, included, round_key):
+    graph = secagg.masking_graph(cohort_mask, round_key, degree)
+    secrets = secagg.client_secrets(round_key, num_slots)
+    masked = jax.vmap(lambda xi, i: secagg.mask_client(xi, i, graph, secrets, round_key, bits,
+                                                       kind))(x, jnp.arange(num_slots))
+    total = quant.modular_sum(included, masked, bits)
+    t = secagg.default_threshold(graph) if threshold is None else threshold
+    plain, ok, stats = secagg.unmask(total, graph, secrets, round_key, cohort_mask, included,
+                                     bits, t, degree is None, kind)
+    return plain, ok, quant.modular_sum(included, x, bits), masked, stats
+
+  return jit(run)
+
+
+def cohort(num_slots, num_real, num_dropped, dim, bits, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 2**bits, (num_slots, dim), dtype=np.uint64).astype(np.uint32)
+  cohort_mask = (np.arange(num_slots) < num_real).astype(np.float32)
+  included = cohort_mask.copy()
+  included[rng.choice(num_real, num_dropped, replace=False)] = 0.0
+  return jnp.asarray(x), jnp.asarray(cohort_mask), jnp.asarray(included)
+
+
+def check_sum(num_slots, num_real, num_dropped, dim, bits, degree, kind="hash", seed=0,
+              threshold=None):
+  x, cohort_mask, included = cohort(num_slots, num_real, num_dropped, dim, bits, seed)
+  plain, ok, expected, masked, stats = protocol(num_slots, dim, bits, degree, kind, threshold)(
+      x, cohort_mask, included, jax.random.key(seed))
+  assert bool(ok)
+  np.testing.assert_array_equal(plain, expected)
+  assert float(stats["secagg_survivors"]) == num_real - num_dropped
+  assert float(stats["secagg_dropouts"]) == num_dropped
+  if num_real - num_dropped >= 2:  # The masks hide the inputs.
+    live = np.flatnonzero(np.asarray(included))
+    assert np.mean(np.asarray(masked)[live] == np.asarray(x)[live]) < 0.1
+  return masked
+
+
+# --- Masks cancel -------------------------------------------------------------------
+
+# SecAgg (complete graph) on 64 slots, t = 33 of 64: cohorts of 2 ... 64 clients.
+COMPLETE_SLOTS, COMPLETE_T = 64, 33
+
+
+@pytest.mark.parametrize("num_real,num_dropped", [
+    (64, 0), (64, 1), (64, 64 - COMPLETE_T), (40, 7), (33, 0)])
+def test_secagg_masked_sum_equals_plain_sum(num_real, num_dropped):
+  check_sum(COMPLETE_SLOTS, num_real, num_dropped, dim=8, bits=32, degree=None,
+            seed=num_real + num_dropped)
+
+
+@pytest.mark.parametrize("num_real,num_dropped", [(2, 0), (3, 1), (5, 2)])
+def test_secagg_small_cohorts_with_low_threshold(num_real, num_dropped):
+  """Cohorts of 2-5 clients with t = 2 on 8 slots, 20-bit ring, threefry masks."""
+  check_sum(8, num_real, num_dropped, dim=6, bits=20, degree=None, kind="threefry",
+            seed=num_real, threshold=2)
+
+
+# SecAgg+ on 4096 slots, degree 24, t = 13 of the 25 holders (self + neighbours).
+PLUS_SLOTS, PLUS_DEGREE = 4096, 24
+
+
+@pytest.mark.parametrize("num_real,num_dropped", [(4096, 0), (4096, 300), (1000, 100), (30, 5)])
+def test_secagg_plus_masked_sum_equals_plain_sum(num_real, num_dropped):
+  check_sum(PLUS_SLOTS, num_real, num_dropped, dim=2, bits=32, degree=PLUS_DEGREE,
+            seed=num_real + num_dropped)
+
+
+@pytest.mark.parametrize("kind", ["hash", "threefry"])
+def test_one_masked_vector_is_uniform(kind):
+  """A client's masked vector of constant input is uniform over bytes (chi-square, 256 bins)."""
+  num_slots, dim, bits = 8, 4096, 32
+  key = jax.random.key(3)
+  graph = secagg.complete_graph(jnp.ones(num_slots))
+  secrets = secagg.client_secrets(key, num_slots)
+  masked = jit(lambda x: secagg.mask_client(x, jnp.int32(5), graph, secrets, key, bits, kind))(
+      jnp.full((dim,), 7, jnp.uint32))
+  data = np.asarray(masked).view(np.uint8)
+  assert scipy.stats.chisquare(np.bincount(data, minlength=256)).pvalue > 1e-3
+  # Each byte lane separately too (a weak low byte would hide in the pooled count).
+  for lane in range(4):
+    lane_counts = np.bincount(data[lane::4], minlength=256)
+    assert scipy.stats.chisquare(lane_counts).pvalue > 1e-3, lane
+
+
+def test_below_threshold_reports_failure():
+  x, cohort_mask, included = cohort(COMPLETE_SLOTS, 64, 64 - COMPLETE_T + 1, 8, 32, seed=5)
+  _, ok, *_ = protocol(COMPLETE_SLOTS, 8, 32, None)(x, cohort_mask, included, jax.random.key(5))
+  assert not bool(ok)
+  with pytest.raises(SecureSumFailed, match="threshold t=33"):
+    check_threshold(cohort_mask, included, COMPLETE_T)
+  check_threshold(cohort_mask, included, COMPLETE_T - 1)  # One fewer needed: fine.
+
+
+def test_secagg_plus_fails_when_a_neighbourhood_dies():
+  """SecAgg+: losing t of one client's 25 holders fails the round, though most clients live."""
+  num_slots, degree = PLUS_SLOTS, PLUS_DEGREE
+  key = jax.random.key(9)
+  cohort_mask = jnp.ones(num_slots)
+  graph = jit(secagg.masking_graph, static_argnums=2)(cohort_mask, key, degree)
+  included = np.ones(num_slots, np.float32)
+  included[np.asarray(graph.neighbours[0])[:degree // 2 + 1]] = 0.0  # 13 of client 0's holders.
+  x = jnp.zeros((num_slots, 2), jnp.uint32)
+  _, ok, *_ = protocol(num_slots, 2, 32, degree)(x, cohort_mask, jnp.asarray(included), key)
+  assert not bool(ok)
+  with pytest.raises(SecureSumFailed):
+    check_threshold(cohort_mask, included, degree // 2 + 1, degree, key)
+
+
+# --- Graphs, masking arithmetic, cost model ----------------------------------------------
+
+
+@pytest.mark.parametrize("num_real", [3, 5, 6, 9, 30])
+def test_harary_graph_is_symmetric_and_regular(num_real):
+  degree, num_slots = 8, 32
+  cohort_mask = (jnp.arange(num_slots) < num_real).astype(jnp.float32)
+  graph = secagg.harary_graph(cohort_mask, degree, jax.random.key(num_real))
+  nbrs, valid = np.asarray(graph.neighbours), np.asarray(graph.valid)
+  edges = {(i, j) for i in range(num_slots) for m, j in enumerate(nbrs[i]) if valid[i, m]}
+  assert all((j, i) in edges for i, j in edges)
+  assert all(i != j and i < num_real and j < num_real for i, j in edges)
+  degrees = np.bincount([i for i, _ in edges], minlength=num_slots)[:num_real]
+  assert len(edges) == sum(degrees)  # No duplicate edges.
+  np.testing.assert_array_equal(degrees, min(degree, num_real - 1))
+
+
+def test_mask_input_matches_mask_client():
+  """mask_client equals mask_input fed with the same PRG streams (the cross-check's hook)."""
+  num_slots, dim, bits, slot = 4, 10, 16, 2
+  key = jax.random.key(4)
+  cohort_mask = jnp.ones(num_slots)
+  graph = secagg.complete_graph(cohort_mask)
+  secrets = secagg.client_secrets(key, num_slots)
+  x = jnp.arange(dim, dtype=jnp.uint32)
+  got = secagg.mask_client(x, jnp.int32(slot), graph, secrets, key, bits)
+  self_mask = secagg.prg(secagg.self_mask_seed(key, slot, secrets.self_seed[slot]), dim, bits)
+  others = [j for j in range(num_slots) if j != slot]
+  streams = jnp.stack([secagg.prg(secagg.pair_mask_seed(
+      key, slot, j, secagg.agree(secrets.secret_key[slot], secrets.public_key[j])), dim, bits)
+      for j in others])
+  signs = jnp.asarray([1 if slot < j else -1 for j in others], jnp.int32)
+  np.testing.assert_array_equal(got, secagg.mask_input(x, self_mask, streams, signs, bits))
+  # Key agreement is symmetric: both ends of a pair derive the same seed.
+  sk, pk = secrets.secret_key, secrets.public_key
+  assert int(secagg.agree(sk[1], pk[3])) == int(secagg.agree(sk[3], pk[1]))
+
+
+def test_communication_cost():
+  dim, bits, k = 1024, 16, 10
+  cost = secagg.communication_cost(dim, bits, k, plain_dim=1000)
+  per_neighbour = 2 * secagg.SHARE_BYTES + 2 * secagg.ID_BYTES + secagg.AEAD_BYTES \
+      + secagg.SHARE_BYTES
+  expected = 2 * secagg.KEY_BYTES + k * per_neighbour + dim * bits // 8
+  assert float(cost["secagg_bytes_per_client"]) == expected
+  np.testing.assert_allclose(cost["secagg_expansion"], expected / 4000.0, rtol=1e-6)
+
+
+# --- The secure_sum aggregator in a round ---------------------------------------------
+
+INPUT_SHAPE, NUM_CLASSES, K, S, B, CHUNK = (4, 4, 1), 3, 10, 2, 4, 4
+LOGREG = logistic_regression(INPUT_SHAPE, NUM_CLASSES)
+CLIENT_UPDATE = make_client_update(LOGREG, optax.sgd(1.0))
+BITS, SCALE, CLIP, DENOM = 20, 2.0**10, 1.0, float(K)
+AGGREGATOR = secure_sum(BITS, SCALE, DENOM, clip_norm=CLIP, threshold=4, dropout_rate=0.3)
+
+
+@functools.cache
+def secure_round(backend):
+  fn = build_round(CLIENT_UPDATE, AGGREGATOR, optax.sgd(1.0), backend, client_chunk_size=CHUNK)
+  return fn if backend == "loop" else jit(fn)
+
+
+def make_batch(seed, num_real=K):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(K, S, B, *INPUT_SHAPE)) * 2.0
+  return ClientBatch(
+      jnp.asarray(x, jnp.float32), jnp.asarray(rng.integers(0, NUM_CLASSES, (K, S, B)), jnp.int32),
+      jnp.ones((K, S, B), jnp.float32), jnp.full((K,), S * B, jnp.int32),
+      jnp.asarray(np.arange(K) < num_real, jnp.float32))
+
+
+@jit
+def encode_client(params, x, y, mask, train_key, agg_key, rotation):
+  """One client's quantised, rotated, clipped delta as the round should compute it."""
+  delta, _ = CLIENT_UPDATE(params, x, y, mask, train_key)
+  flat = quant.ravel(delta)[0]
+  flat = flat * jnp.minimum(1.0, CLIP / jnp.maximum(jnp.linalg.norm(flat), 1e-12))
+  rotated = quant.hadamard_rotate(quant.pad(flat, quant.padded_dim(flat.shape[0])), rotation)
+  return quant.quantize(rotated, SCALE, agg_key)
+
+
+def expected_update(state, batch, key, included):
+  """The plain quantised mean: each client's encoding with the round's keys, summed as ints."""
+  client_key, _, round_key = jax.random.split(key, 3)
+  rotation = jax.random.fold_in(round_key, 11)
+  flat, unravel = quant.ravel(state.params)
+  total = 0
+  for k in np.flatnonzero(included):
+    train_key, agg_key = jax.random.split(jax.random.fold_in(client_key, k))
+    total += np.asarray(encode_client(state.params, batch.x[k], batch.y[k], batch.example_mask[k],
+                                      train_key, agg_key, rotation), np.int64)
+  assert np.abs(total).max() < 2 ** (BITS - 1)  # No wrap-around in this configuration.
+  decoded = quant.hadamard_unrotate(quant.dequantize(jnp.asarray(total, jnp.int32), SCALE),
+                                    rotation)
+  return unravel(decoded[:flat.shape[0]] / DENOM)
+
+
+def test_secure_sum_round_matches_plain_quantised_mean_under_all_backends():
+  params = jax.tree.map(jnp.zeros_like, jit(LOGREG.init)(jax.random.key(0)))
+  state = server_init(params, optax.sgd(1.0), AGGREGATOR)
+  batch = make_batch(1, num_real=K - 1)  # One padded slot.
+  key = jax.random.key(2)
+  results = {b: secure_round(b)(state, batch, key) for b in ("vmap", "chunked", "loop")}
+  _, metrics = results["vmap"]
+  dropped = float(metrics["secagg_dropouts"])
+  assert 0 < dropped < K - 1 - 4  # Some dropouts, still above the threshold t = 4.
+  assert float(metrics["secagg_survivors"]) == K - 1 - dropped
+  assert float(metrics["secagg_failed"]) == 0.0
+  assert 0 < float(metrics["quant_overflow_ratio"]) < 1
+  assert float(metrics["secagg_expansion"]) > 0.5
+  # The builder reports prepare's fraction of simulated dropouts over real clients.
+  np.testing.assert_allclose(metrics["secagg_dropped"], dropped / (K - 1), rtol=1e-6)
+  # Which clients survived: rerun the dropout draw as prepare does.
+  round_key = jax.random.split(key, 3)[2]
+  drop_key = jax.random.fold_in(round_key, 12)
+  included = [k < K - 1 and float(jax.random.uniform(jax.random.fold_in(drop_key, k))) >= 0.3
+              for k in range(K)]
+  assert sum(included) == K - 1 - dropped
+  expected = expected_update(state, batch, key, included)
+  for backend, (new_state, backend_metrics) in results.items():
+    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=backend)
+    for name in ("secagg_survivors", "secagg_bytes_per_client", "quant_range_used"):
+      np.testing.assert_allclose(backend_metrics[name], metrics[name], rtol=1e-6)
+
+
+def test_secure_sum_round_below_threshold_raises():
+  """Three real clients cannot reach t = 4 surviving share holders: the jitted round raises."""
+  params = jax.tree.map(jnp.zeros_like, jit(LOGREG.init)(jax.random.key(0)))
+  state = server_init(params, optax.sgd(1.0), AGGREGATOR)
+  with pytest.raises(Exception, match="threshold t=4"):
+    jax.block_until_ready(secure_round("vmap")(state, make_batch(3, num_real=3),
+                                                jax.random.key(0)))
+
+
+def test_secure_sum_rejects_bad_config():
+  with pytest.raises(ValueError, match="bits"):
+    secure_sum(1, 1.0, 1.0)
+  with pytest.raises(ValueError, match="denominator"):
+    secure_sum(16, 1.0, 0.0)
+  with pytest.raises(ValueError, match="neighbours"):
+    secure_sum(16, 1.0, 1.0, neighbours=3)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    secure_sum(16, 1.0, 1.0, dropout_rate=1.0)
