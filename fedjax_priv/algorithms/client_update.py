@@ -4,13 +4,26 @@ Written for a single client; the round builder vmaps it over the cohort.
 With `ExampleDP` each step is a DP-SGD step (Abadi et al. 2016, "Deep Learning
 with Differential Privacy", CCS): per-example gradients, each clipped to L2
 norm C, summed, N(0, sigma^2 C^2) added, divided by the public expected batch
-size b. Neighbouring relation: add/remove one example of the client's dataset;
-the client's dataset size n is treated as public, as in the DP-SGD literature,
+size b; the clipped sum comes from `per_example_norms.clipped_gradient_sum`
+(ghost norms or materialised per-example gradients, per `ExampleDP.clipping`).
+Neighbouring relation: add/remove one example of the client's dataset; the
+client's dataset size n is treated as public, as in the DP-SGD literature,
 because the per-step sampling rate is q = b / n.
+
+`make_local_training` is the shared core: it trains from given params with an
+optional FedProx proximal term and an optional constant gradient correction
+(SCAFFOLD's c - c_i); `make_client_update` (FedAvg, FedProx) and
+`make_fedsgd_client_update` (FedSGD) are thin wrappers around it.
+
+References:
+  McMahan, Moore, Ramage, Hampson and Aguera y Arcas, "Communication-Efficient
+  Learning of Deep Networks from Decentralized Data", AISTATS 2017 (FedAvg,
+  FedSGD).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -18,8 +31,10 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_priv import tree as tree_util
+from fedjax_priv.algorithms.fedprox import check_proximal_mu, proximal_gradient
+from fedjax_priv.algorithms.per_example_norms import (CLIPPING_METHODS, clipped_gradient_sum,
+                                                      ghost_coverage)
 from fedjax_priv.models.model import Model, example_losses
-from fedjax_priv.privacy.clipping import clip_factor
 from fedjax_priv.privacy.noise import gaussian_like
 
 
@@ -30,60 +45,86 @@ class ExampleDP(NamedTuple):
     clip_norm: C > 0, per-example gradient L2 bound.
     noise_multiplier: sigma >= 0; the noise std on the gradient sum is sigma * C.
     expected_batch_size: b > 0, the public denominator (examples per step).
+    clipping: how per-example norms are computed: "ghost" (ghost norms, for
+      models of flax Dense/Conv/Embed layers), "vmap" (materialised
+      per-example gradients, any model) or "auto" (ghost where it covers most
+      parameters). The released update is the same up to float rounding.
   """
   clip_norm: float
   noise_multiplier: float
   expected_batch_size: float
+  clipping: str = "auto"
 
 
 class ClientMetrics(NamedTuple):
   """Sums over one client's local steps (float32 scalars)."""
-  loss_sum: jax.Array       # sum of example losses over every example seen
+  loss_sum: jax.Array       # sum of example losses over every example seen (no proximal term)
   examples_seen: jax.Array  # number of (real) examples processed, repeats counted
+  steps_taken: jax.Array    # local steps that updated the params (masked steps do not)
 
 
 ClientUpdate = Callable[..., tuple]
+LocalTraining = Callable[..., tuple]
 
 
-def make_client_update(model: Model, optimizer: optax.GradientTransformation,
-                       example_dp: ExampleDP | None = None) -> ClientUpdate:
-  """Builds `client_update(server_params, x, y, mask, key) -> (delta, ClientMetrics)`.
+def make_local_training(model: Model, optimizer: optax.GradientTransformation,
+                        example_dp: ExampleDP | None = None,
+                        proximal_mu: float | jax.Array = 0.0) -> LocalTraining:
+  """Builds `train(start_params, x, y, mask, key, correction=None) -> (params, ClientMetrics)`.
+
+  Each of the S steps computes the gradient g of the mean loss over the step's
+  real examples (or DP-SGD's noisy clipped mean), then hands the optimizer
+  g + mu (w - start_params) + correction.
+
+  Args:
+    model: the model.
+    optimizer: the client's local optimizer.
+    example_dp: DP-SGD settings, or None for plain gradients.
+    proximal_mu: FedProx's mu >= 0 (Python 0 adds nothing); may be traced.
 
   Args (of the returned function):
-    server_params: the round's global model.
-    x: [S, B, *input_shape] local batches; y: [S, B] int32; mask: [S, B] float32.
-    key: this client's PRNG key (used for DP-SGD noise only).
+    start_params: the params training starts from, also FedProx's anchor.
+    x: [S, B, *input_shape] float32; y: [S, B] int32; mask: [S, B] float32.
+    key: PRNG key for DP-SGD noise; may be None without `example_dp`.
+    correction: None, or a pytree like params added to every step's gradient.
 
   Returns:
-    delta = local params - server params (a pytree like params), and metrics.
+    The params after the last step, and the client's metrics.
   """
+  check_proximal_mu(proximal_mu)
   if example_dp is not None:
     if not example_dp.clip_norm > 0:
       raise ValueError(f"example_dp.clip_norm must be > 0, got {example_dp.clip_norm}")
     if not example_dp.noise_multiplier >= 0:
-      raise ValueError(f"example_dp.noise_multiplier must be >= 0, got {example_dp.noise_multiplier}")
+      raise ValueError("example_dp.noise_multiplier must be >= 0, "
+                       f"got {example_dp.noise_multiplier}")
     if not example_dp.expected_batch_size > 0:
       raise ValueError(
           f"example_dp.expected_batch_size must be > 0, got {example_dp.expected_batch_size}")
+    if example_dp.clipping not in CLIPPING_METHODS:
+      raise ValueError(
+          f"example_dp.clipping must be one of {CLIPPING_METHODS}, got {example_dp.clipping!r}")
+    if example_dp.clipping == "ghost":  # Shapes only: fails before any compile.
+      params = jax.eval_shape(model.init, jax.random.key(0))
+      x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+      error = ghost_coverage(model, params, x, jax.ShapeDtypeStruct((1,), jnp.int32)).error
+      if error is not None:
+        raise ValueError(f"example_dp.clipping='ghost' cannot run on this model: {error}")
 
   def mean_loss(params, x, y, mask):
     losses = example_losses(model, params, x, y)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(losses * mask)
 
-  def one_example_loss(params, x, y):
-    return example_losses(model, params, x[None], y[None])[0]
-
   def dp_sgd_gradient(params, x, y, mask, key):
-    per_example = jax.vmap(jax.value_and_grad(one_example_loss), in_axes=(None, 0, 0))
-    losses, grads = per_example(params, x, y)
-    # Clipping folded into the sum's weights: one dot product, no clipped copies.
-    factors = mask * clip_factor(jax.vmap(tree_util.l2_norm)(grads), example_dp.clip_norm)
-    clipped_sum = tree_util.weighted_sum(factors, grads)
+    clipped_sum, losses, _ = clipped_gradient_sum(model, params, x, y, mask,
+                                                  example_dp.clip_norm, example_dp.clipping)
     noise = gaussian_like(key, clipped_sum, example_dp.noise_multiplier * example_dp.clip_norm)
     grad = tree_util.scale(tree_util.add(clipped_sum, noise), 1.0 / example_dp.expected_batch_size)
     return grad, jnp.sum(losses * mask)
 
-  def step(carry, inputs):
+  use_proximal = not (isinstance(proximal_mu, (int, float)) and proximal_mu == 0)
+
+  def step(carry, inputs, start_params, correction):
     params, opt_state = carry
     x, y, mask, step_key = inputs
     # Padding must contribute exactly zero: 0 * NaN is NaN, so a non-finite
@@ -99,18 +140,70 @@ def make_client_update(model: Model, optimizer: optax.GradientTransformation,
       grad, loss_sum = dp_sgd_gradient(params, x, y, mask, step_key)
       # A DP-SGD step always releases its noisy update, even for an empty batch.
       active = jnp.bool_(True)
+    if use_proximal:
+      grad = tree_util.add(grad, proximal_gradient(params, start_params, proximal_mu))
+    if correction is not None:
+      grad = tree_util.add(grad, correction)
     updates, new_opt_state = optimizer.update(grad, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     carry = (tree_util.select(active, new_params, params),
              tree_util.select(active, new_opt_state, opt_state))
-    return carry, (loss_sum, jnp.sum(mask))
+    return carry, (loss_sum, jnp.sum(mask), active.astype(jnp.float32))
+
+  def train(start_params, x, y, mask, key=None, correction=None):
+    if key is None and example_dp is not None:
+      raise ValueError("local training with example_dp needs a PRNG key for its noise")
+    # Plain training draws no randomness, so it may run without a key.
+    step_keys = None if key is None else jax.random.split(key, x.shape[0])
+    init = (start_params, optimizer.init(start_params))
+    (params, _), (loss_sums, counts, active) = jax.lax.scan(
+        functools.partial(step, start_params=start_params, correction=correction), init,
+        (x, y, mask, step_keys))
+    return params, ClientMetrics(jnp.sum(loss_sums), jnp.sum(counts), jnp.sum(active))
+
+  return train
+
+
+def make_client_update(model: Model, optimizer: optax.GradientTransformation,
+                       example_dp: ExampleDP | None = None,
+                       proximal_mu: float | jax.Array = 0.0) -> ClientUpdate:
+  """Builds `client_update(server_params, x, y, mask, key) -> (delta, ClientMetrics)`.
+
+  FedAvg's local training; with `proximal_mu` > 0, FedProx's (see
+  `algorithms.fedprox`).
+
+  Args (of the returned function):
+    server_params: the round's global model.
+    x: [S, B, *input_shape] local batches; y: [S, B] int32; mask: [S, B] float32.
+    key: this client's PRNG key (used for DP-SGD noise only).
+
+  Returns:
+    delta = local params - server params (a pytree like params), and metrics.
+  """
+  train = make_local_training(model, optimizer, example_dp, proximal_mu)
 
   def client_update(server_params, x, y, mask, key):
-    num_steps = x.shape[0]
-    step_keys = jax.random.split(key, num_steps)
-    init = (server_params, optimizer.init(server_params))
-    (params, _), (loss_sums, counts) = jax.lax.scan(step, init, (x, y, mask, step_keys))
-    delta = tree_util.sub(params, server_params)
-    return delta, ClientMetrics(jnp.sum(loss_sums), jnp.sum(counts))
+    params, metrics = train(server_params, x, y, mask, key)
+    return tree_util.sub(params, server_params), metrics
+
+  return client_update
+
+
+def make_fedsgd_client_update(model: Model) -> ClientUpdate:
+  """FedSGD's client: minus the gradient of the mean loss over all its S*B slots.
+
+  All S steps are merged into one batch and one SGD step of learning rate 1 is
+  taken, so delta = -grad. With the example-weighted mean
+  (`weighted_mean("num_examples")`) and server `optax.sgd(eta)` the round is
+  FedSGD: w <- w - eta * sum_k n_k g_k / sum_k n_k. For the exact full-batch
+  gradient every example must fill exactly one slot (the rest masked): slots
+  that repeat an example (e.g. shuffle batching with n_k < S*B) weight it more.
+  """
+  train = make_local_training(model, optax.sgd(1.0))
+
+  def client_update(server_params, x, y, mask, key):
+    merge = lambda a: a.reshape(1, a.shape[0] * a.shape[1], *a.shape[2:])
+    params, metrics = train(server_params, merge(x), merge(y), merge(mask), key)
+    return tree_util.sub(params, server_params), metrics
 
   return client_update

@@ -23,11 +23,18 @@ Backends compute exactly the same thing:
 Client slot k always gets the key fold_in(client_key, k), split into its
 training and aggregation keys, and the aggregator the same server and shared
 keys, so the three backends agree to float rounding, noise included.
+
+Algorithms whose clients keep state across rounds (SCAFFOLD's control
+variates) use `build_stateful_round`: the population's states are one stacked
+pytree [N, ...] that the round gathers by cohort index, passes to each client
+update with the whole `ServerState`, and scatters back for the clients whose
+contribution entered the sum; padded, non-finite and dropped clients keep
+their old state. `build_round` is the same machinery with an empty state.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,19 +49,30 @@ from fedjax_priv.privacy.aggregation import Aggregator, ClientContext, RoundCont
 BACKENDS = ("vmap", "chunked", "loop")
 
 RoundFn = Callable[[ServerState, ClientBatch, jax.Array], tuple[ServerState, dict]]
+StatefulRoundFn = Callable[..., tuple[ServerState, Any, dict]]
+# (server_state, client_state, x, y, mask, key) -> (delta, new_client_state, ClientMetrics)
+StatefulClientUpdate = Callable[..., tuple]
 
 
-def _per_client_fn(client_update: ClientUpdate, aggregator: Aggregator):
-  """One client's contribution: (delta', per-client scalars incl. its weight)."""
+def _stateless(client_update: ClientUpdate) -> StatefulClientUpdate:
+  def update(server_state, client_state, x, y, mask, key):
+    delta, metrics = client_update(server_state.params, x, y, mask, key)
+    return delta, client_state, metrics
 
-  def per_client(params, agg_state, x, y, mask, num_examples, client_mask, slot, key, round_key,
+  return update
+
+
+def _per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
+  """One client's contribution: (delta', per-client scalars incl. its weight, new state)."""
+
+  def per_client(state, client_state, x, y, mask, num_examples, client_mask, slot, key, round_key,
                  cohort_mask):
     train_key, agg_key = jax.random.split(key)
-    delta, metrics = client_update(params, x, y, mask, train_key)
-    finite = tree_util.all_finite(delta)
+    delta, new_client_state, metrics = client_update(state, client_state, x, y, mask, train_key)
+    finite = tree_util.all_finite((delta, new_client_state))
     delta = tree_util.select(finite, delta, tree_util.zeros_like(delta))
     ctx = ClientContext(slot, agg_key, round_key, cohort_mask)
-    prepared, weight, stats = aggregator.prepare(agg_state, delta, num_examples, ctx)
+    prepared, weight, stats = aggregator.prepare(state.aggregator_state, delta, num_examples, ctx)
     keep = client_mask * finite.astype(jnp.float32)
     # jnp.where, not a product: 0 * NaN is NaN and would poison the sums.
     scalars = {name: jnp.where(keep > 0, value, 0.0) for name, value in
@@ -62,24 +80,58 @@ def _per_client_fn(client_update: ClientUpdate, aggregator: Aggregator):
                 **stats}.items()}
     scalars.update(clients=keep, nonfinite_clients=client_mask * (1.0 - finite),
                    weight=weight * keep)
-    return prepared, scalars
+    # Only a contribution that entered the sum may advance the client's state,
+    # so the server's view (e.g. SCAFFOLD's c, built from the summed dc_i)
+    # never drifts from the states the clients keep.
+    new_client_state = tree_util.select(weight * keep > 0, new_client_state, client_state)
+    return prepared, scalars, new_client_state
 
   return per_client
 
 
-def _sum_group(per_client, state: ServerState, batch: ClientBatch, slots, keys, round_key,
-               cohort_mask, aggregator: Aggregator):
+def _sum_group(per_client, state: ServerState, client_states, batch: ClientBatch, slots, keys,
+               round_key, cohort_mask, aggregator: Aggregator):
   """Vmaps `per_client` over a group of clients and sums their contributions.
 
-  Returns the group's summed contribution, its summed scalars and the [c]
-  weights (which slots entered the sum).
+  Returns the group's summed contribution, its summed scalars, the [c]
+  weights (which slots entered the sum) and the clients' new states [c, ...].
   """
-  prepared, scalars = jax.vmap(per_client, in_axes=(None, None, 0, 0, 0, 0, 0, 0, 0, None, None))(
-      state.params, state.aggregator_state, batch.x, batch.y, batch.example_mask,
-      batch.num_examples, batch.client_mask, slots, keys, round_key, cohort_mask)
+  prepared, scalars, new_states = jax.vmap(
+      per_client, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, None, None))(
+          state, client_states, batch.x, batch.y, batch.example_mask, batch.num_examples,
+          batch.client_mask, slots, keys, round_key, cohort_mask)
   weights = scalars["weight"]
   return (aggregator.group_sum(weights, prepared),
-          {name: jnp.sum(value) for name, value in scalars.items()}, weights)
+          {name: jnp.sum(value) for name, value in scalars.items()}, weights, new_states)
+
+
+def _gather_states(client_states, client_ids, client_mask):
+  """The cohort's states [K, ...] from the population's [N, ...]; padded slots read row 0."""
+  safe = jnp.where(client_mask > 0, client_ids, 0)
+  return jax.tree.map(lambda leaf: leaf[safe], client_states)
+
+
+def _scatter_states(client_states, client_ids, weights, new_states):
+  """Writes back the states of the slots with weight > 0; the others point past the end."""
+  def scatter(leaf, new):
+    target = jnp.where(weights > 0, client_ids, leaf.shape[0])
+    return leaf.at[target].set(new, mode="drop")
+
+  return jax.tree.map(scatter, client_states, new_states)
+
+
+def check_client_states(client_states, client_ids, num_slots: int) -> None:
+  """Raises ValueError unless ids are [K] integers and every state leaf is [N, ...].
+
+  Shapes are static, so this runs at trace time: before anything compiles.
+  """
+  if tuple(client_ids.shape) != (num_slots,) or not jnp.issubdtype(client_ids.dtype, jnp.integer):
+    raise ValueError(f"client_ids must be an integer array of shape ({num_slots},) to match the "
+                     f"batch, got {client_ids.dtype}{tuple(client_ids.shape)}")
+  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(client_states)}
+  if None in sizes or len(sizes) > 1:
+    raise ValueError("client_states leaves must all be stacked [N, ...] over the same population "
+                     f"size N, got leading sizes {sorted(map(str, sizes))}")
 
 
 def check_batch(batch: ClientBatch) -> None:
@@ -147,6 +199,44 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     rounds) by the caller; for "loop" a host function that jits per client and
     must not itself be traced.
   """
+  stateful = build_stateful_round(_stateless(client_update), aggregator, server_optimizer,
+                                  backend, client_chunk_size)
+
+  def round_fn(state, batch, key):
+    check_batch(batch)
+    no_ids = jnp.zeros(batch.client_mask.shape, jnp.int32)
+    state, _, metrics = stateful(state, (), batch, no_ids, key)
+    return state, metrics
+
+  return round_fn
+
+
+def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggregator,
+                         server_optimizer: optax.GradientTransformation,
+                         backend: str = "chunked", client_chunk_size: int = 64
+                         ) -> StatefulRoundFn:
+  """Builds `round_fn(state, client_states, batch, client_ids, key) -> (state, states, metrics)`.
+
+  Args:
+    client_update: `(server_state, client_state, x, y, mask, key) -> (delta,
+      new_client_state, ClientMetrics)` for one client, e.g. from
+      `algorithms.scaffold.make_scaffold_client_update`. It sees the whole
+      `ServerState` (params, aggregator state) and its own state slice.
+    aggregator, server_optimizer, backend, client_chunk_size: as in `build_round`.
+
+  Args (of the returned function):
+    state: the `ServerState`.
+    client_states: pytree of [N, ...] arrays, one row per client of the
+      population (N clients).
+    batch: the cohort's `ClientBatch` ([K, S, B, ...]).
+    client_ids: [K] int32, each slot's row in `client_states`; ignored for
+      padded slots. Real clients must be distinct.
+    key: the round's PRNG key.
+
+  Returns:
+    As `build_round`'s function, plus the new client states: the rows of the
+    clients that entered the sum are replaced, every other row is unchanged.
+  """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if not (isinstance(client_chunk_size, int) and client_chunk_size >= 1):
@@ -158,47 +248,70 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     slot_keys = jax.vmap(lambda k: jax.random.fold_in(client_key, k))(jnp.arange(num_slots))
     return slot_keys, server_key, round_key
 
-  def vmap_round(state, batch, key):
+  def check(batch, client_states, client_ids):
     check_batch(batch)
+    check_client_states(client_states, client_ids, batch.client_mask.shape[0])
+
+  def finish(state, client_states, summed, totals, ctx):
+    state, metrics = _finish(state, summed, totals, ctx, aggregator, server_optimizer)
+    return state, client_states, metrics
+
+  def vmap_round(state, client_states, batch, client_ids, key):
+    check(batch, client_states, client_ids)
     num_slots = batch.client_mask.shape[0]
     keys, server_key, round_key = split_keys(key, num_slots)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
-    summed, totals, weights = _sum_group(per_client, state, batch, slots, keys, round_key,
-                                         batch.client_mask, aggregator)
+    cohort_states = _gather_states(client_states, client_ids, batch.client_mask)
+    summed, totals, weights, new_states = _sum_group(
+        per_client, state, cohort_states, batch, slots, keys, round_key, batch.client_mask,
+        aggregator)
+    client_states = _scatter_states(client_states, client_ids, weights, new_states)
     ctx = RoundContext(server_key, round_key, batch.client_mask, (weights > 0).astype(jnp.float32))
-    return _finish(state, summed, totals, ctx, aggregator, server_optimizer)
+    return finish(state, client_states, summed, totals, ctx)
 
-  def chunked_round(state, batch, key):
-    check_batch(batch)
+  def chunked_round(state, client_states, batch, client_ids, key):
+    check(batch, client_states, client_ids)
     num_slots = batch.client_mask.shape[0]
     # Equal chunks of at most client_chunk_size: padding stays below one slot
     # per chunk instead of up to a whole chunk (K = 16 at chunk 64 would
     # otherwise train 48 empty slots).
     num_chunks = -(-num_slots // client_chunk_size)
     chunk = -(-num_slots // num_chunks)
+    extra = -num_slots % chunk
     batch = _pad_clients(batch, chunk)
+    client_ids = jnp.pad(client_ids, (0, extra))
     padded_slots = batch.client_mask.shape[0]
     keys, server_key, round_key = split_keys(key, padded_slots)
     slots = jnp.arange(padded_slots, dtype=jnp.int32)
     cohort_mask = batch.client_mask
-    chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), (batch, slots, keys))
+    chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]),
+                          (batch, client_ids, slots, keys))
 
-    def group(chunk):
-      return _sum_group(per_client, state, *chunk, round_key, cohort_mask, aggregator)
+    def group(client_states, chunk):
+      # Each chunk gathers and scatters its own rows, so only one chunk of
+      # client states is ever materialised next to the population's.
+      chunk_batch, ids, chunk_slots, chunk_keys = chunk
+      cohort_states = _gather_states(client_states, ids, chunk_batch.client_mask)
+      summed, totals, weights, new_states = _sum_group(
+          per_client, state, cohort_states, chunk_batch, chunk_slots, chunk_keys, round_key,
+          cohort_mask, aggregator)
+      return summed, totals, weights, _scatter_states(client_states, ids, weights, new_states)
 
     def body(carry, chunk):
-      summed, totals, weights = group(chunk)
-      carry = (aggregator.combine(carry[0], summed), jax.tree.map(jnp.add, carry[1], totals))
+      summed, totals, weights, client_states = group(carry[2], chunk)
+      carry = (aggregator.combine(carry[0], summed), jax.tree.map(jnp.add, carry[1], totals),
+               client_states)
       return carry, weights
 
     first = jax.tree.map(lambda a: a[0], chunks)
     rest = jax.tree.map(lambda a: a[1:], chunks)
     # The first chunk seeds the carry, which fixes its structure and dtypes.
-    first_summed, first_totals, first_weights = group(first)
-    (summed, totals), rest_weights = jax.lax.scan(body, (first_summed, first_totals), rest)
+    first_summed, first_totals, first_weights, client_states = group(client_states, first)
+    (summed, totals, client_states), rest_weights = jax.lax.scan(
+        body, (first_summed, first_totals, client_states), rest)
     weights = jnp.concatenate([first_weights, rest_weights.reshape(-1)])
     ctx = RoundContext(server_key, round_key, cohort_mask, (weights > 0).astype(jnp.float32))
-    return _finish(state, summed, totals, ctx, aggregator, server_optimizer)
+    return finish(state, client_states, summed, totals, ctx)
 
   if backend == "vmap":
     return vmap_round
@@ -213,24 +326,30 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
   first_total = jax.jit(lambda prepared, scalars: (
       aggregator.group_sum(scalars["weight"][None],
                            jax.tree.map(lambda leaf: leaf[None], prepared)), scalars))
-  finish = jax.jit(lambda state, summed, totals, ctx: _finish(
-      state, summed, totals, ctx, aggregator, server_optimizer))
+  loop_finish = jax.jit(finish)
+  one_row = lambda client_states, k: jax.tree.map(lambda leaf: leaf[k], client_states)
+  write_row = jax.jit(lambda client_states, k, new, weight: _scatter_states(
+      client_states, k[None], weight[None], jax.tree.map(lambda leaf: leaf[None], new)))
 
-  def loop_round(state, batch, key):
-    check_batch(batch)
+  def loop_round(state, client_states, batch, client_ids, key):
+    check(batch, client_states, client_ids)
     num_slots = batch.client_mask.shape[0]
     keys, server_key, round_key = split_keys(key, num_slots)
+    has_states = bool(jax.tree.leaves(client_states))
     total, weights = None, []
     for k in range(num_slots):
-      prepared, scalars = one_client(
-          state.params, state.aggregator_state, batch.x[k], batch.y[k], batch.example_mask[k],
+      row = client_ids[k] if batch.client_mask[k] > 0 else 0
+      prepared, scalars, new_state = one_client(
+          state, one_row(client_states, row), batch.x[k], batch.y[k], batch.example_mask[k],
           batch.num_examples[k], batch.client_mask[k], jnp.int32(k), keys[k], round_key,
           batch.client_mask)
       total = first_total(prepared, scalars) if total is None else accumulate(
           total, prepared, scalars)
       weights.append(scalars["weight"])
+      if has_states:
+        client_states = write_row(client_states, client_ids[k], new_state, scalars["weight"])
     ctx = RoundContext(server_key, round_key, batch.client_mask,
                        (jnp.stack(weights) > 0).astype(jnp.float32))
-    return finish(state, total[0], total[1], ctx)
+    return loop_finish(state, client_states, total[0], total[1], ctx)
 
   return loop_round
