@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-  dataset: str = "digits"           # digits (scikit-learn's, embedded)
+  dataset: str = "digits"           # digits (scikit-learn's, embedded) | store
+  store: str = ""                   # dataset = store: a `fedjax-priv data prepare` SQLite store
   num_clients: int = 10
   partition: str = "dirichlet"      # dirichlet (label skew, Hsu et al. 2019) | iid
   dirichlet_alpha: float = 0.5
@@ -42,6 +43,7 @@ class ClientConfig:
   learning_rate: float = 0.1
   local_steps: int = 10
   batch_size: int = 16              # expected batch b under example-level DP
+  proximal_mu: float = 0.0          # FedProx (Li et al. 2020): (mu / 2) ||w - w_server||^2
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class ServerConfig:
   optimizer: str = "sgd"            # sgd (FedAvg at lr 1) | momentum | adam | yogi | adagrad
   learning_rate: float = 1.0
   schedule: str = "constant"        # constant | cosine (decays to 0 over simulation.rounds)
+  adaptivity: float = 1e-3          # tau of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class SimulationConfig:
   eval_every: int = 10
   checkpoint_every: int = 0         # 0: only at the end
   data_on_device: bool = True       # population kept on the device as padded arrays
+  straggler_fraction: float = 0.0   # share of each cohort that runs fewer local steps
+  straggler_policy: str = "drop"    # drop (FedAvg's baseline) | partial (FedProx keeps the work)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class Config:
 
 
 CHOICES = {
-    "data.dataset": ("digits",),
+    "data.dataset": ("digits", "store"),
     "data.partition": ("dirichlet", "iid"),
     "model.name": ("logistic_regression", "mlp", "cnn"),
     "model.conv_impl": ("auto", "xla", "patches"),
@@ -107,12 +112,13 @@ CHOICES = {
     "privacy.weighting": ("num_examples", "uniform"),
     "simulation.backend": ("vmap", "chunked", "loop"),
     "simulation.sampling": ("fixed", "poisson"),
+    "simulation.straggler_policy": ("drop", "partial"),
 }
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
             "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size", "simulation.rounds",
-            "simulation.cohort_size", "simulation.eval_every")
-NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon",
+            "simulation.cohort_size", "simulation.eval_every", "server.adaptivity")
+NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.proximal_mu",
                 "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
                 "privacy.epsilon_budget",
                 "simulation.checkpoint_every", "simulation.seed", "data.seed")
@@ -196,10 +202,17 @@ def validate(config: Config) -> None:
     raise ConfigError(f"data.test_fraction must be in (0, 1), got {config.data.test_fraction!r}")
   if not 0 < config.privacy.delta < 1:
     raise ConfigError(f"privacy.delta must be in (0, 1), got {config.privacy.delta!r}")
+  # With a store, data.num_clients is the store's, set by experiment.build.
   if config.simulation.cohort_size > config.data.num_clients:
     raise ConfigError(f"simulation.cohort_size ({config.simulation.cohort_size}) must be <= "
                       f"data.num_clients ({config.data.num_clients})")
   privacy, sim = config.privacy, config.simulation
+  if not 0 <= sim.straggler_fraction < 1:
+    raise ConfigError(f"simulation.straggler_fraction must be in [0, 1), got "
+                      f"{sim.straggler_fraction!r}")
+  if (config.data.dataset == "store") != bool(config.data.store):
+    raise ConfigError("data.store names the SQLite store to train on and needs data.dataset = "
+                      f"store (got dataset = {config.data.dataset!r}, store = {config.data.store!r})")
   if privacy.unit == "none":
     for key in ("target_epsilon", "epsilon_budget"):
       if getattr(privacy, key) > 0:

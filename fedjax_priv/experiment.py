@@ -9,6 +9,7 @@ use the pieces directly.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
@@ -16,6 +17,8 @@ import numpy as np
 import optax
 
 from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
+from fedjax_priv.algorithms.stragglers import with_stragglers
+from fedjax_priv import config as config_lib
 from fedjax_priv.config import Config
 from fedjax_priv.data import FederatedDataset, federated_digits
 from fedjax_priv.data.sampling import (FixedSizeSampler, PoissonSampler, poisson_capacity,
@@ -78,15 +81,21 @@ class Experiment(NamedTuple):
   levels: tuple[PrivacyPlan, ...]      # every accounted level (empty without privacy)
 
 
-def make_optimizer(name: str, learning_rate: Any) -> optax.GradientTransformation:
-  """The optax optimizer a config names (client.optimizer / server.optimizer); lr may be traced."""
+def make_optimizer(name: str, learning_rate: Any,
+                   adaptivity: float | None = None) -> optax.GradientTransformation:
+  """The optax optimizer a config names (client.optimizer / server.optimizer); lr may be traced.
+
+  `adaptivity` is the tau of Reddi et al. 2021 ("Adaptive Federated
+  Optimization"), the epsilon of Adam, Yogi and Adagrad (1e-3 in the paper);
+  None keeps optax's defaults.
+  """
+  eps = {} if adaptivity is None else {"eps": adaptivity}
   return {
       "sgd": lambda: optax.sgd(learning_rate),
       "momentum": lambda: optax.sgd(learning_rate, momentum=0.9),
-      "adam": lambda: optax.adam(learning_rate),
-      # Reddi et al. 2021 use a large epsilon (adaptivity 1e-3) for FedYogi/FedAdam.
-      "yogi": lambda: optax.yogi(learning_rate, eps=1e-3),
-      "adagrad": lambda: optax.adagrad(learning_rate),
+      "adam": lambda: optax.adam(learning_rate, **eps),
+      "yogi": lambda: optax.yogi(learning_rate, **eps),
+      "adagrad": lambda: optax.adagrad(learning_rate, **eps),
   }[name]()
 
 
@@ -257,13 +266,12 @@ def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) ->
   """
   privacy, sim = config.privacy, config.simulation
   client_optimizer = make_optimizer(config.client.optimizer, hp.client_learning_rate)
+  example_dp = None
   if privacy.unit in ("example", "both"):
-    client_update = make_client_update(
-        model, client_optimizer,
-        ExampleDP(hp.example_clip_norm, hp.example_noise_multiplier,
-                  float(config.client.batch_size)))
-  else:
-    client_update = make_client_update(model, client_optimizer)
+    example_dp = ExampleDP(hp.example_clip_norm, hp.example_noise_multiplier,
+                           float(config.client.batch_size))
+  client_update = make_client_update(model, client_optimizer, example_dp,
+                                     proximal_mu=config.client.proximal_mu)
   if privacy.unit in ("user", "both"):
     aggregator = dp_mean(hp.clip_norm, hp.noise_multiplier, sampler.expected_cohort_size)
   else:
@@ -274,17 +282,47 @@ def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) ->
     # The server takes one optimizer step per round. Decaying its step size is
     # post-processing of the private updates, so it costs no privacy.
     server_lr = optax.cosine_decay_schedule(server_lr, sim.rounds)
-  server_optimizer = make_optimizer(config.server.optimizer, server_lr)
+  server_optimizer = make_optimizer(config.server.optimizer, server_lr, config.server.adaptivity)
   round_fn = build_round(client_update, aggregator, server_optimizer, sim.backend,
                          sim.client_chunk_size)
+  if sim.straggler_fraction > 0:
+    round_fn = with_stragglers(round_fn, sim.straggler_fraction, sim.straggler_policy)
   return Training(client_update, aggregator, server_optimizer, round_fn)
+
+
+def load_store(path: str) -> tuple[FederatedDataset, np.ndarray, np.ndarray]:
+  """(train, x_test, y_test) from a `fedjax-priv data prepare` store and the test store beside it.
+
+  The test clients are pooled into one test set.
+  """
+  # Imported here: the store (sqlite3) is only needed for data.dataset = store.
+  from fedjax_priv.data.prepare import heldout_store_path
+  from fedjax_priv.data.store import FederatedStore
+  test_path = heldout_store_path(path)
+  for p, what in ((Path(path), "data.store"), (test_path, "the test store beside data.store")):
+    if not p.exists():
+      raise config_lib.ConfigError(f"{what}: {p} does not exist (write it with "
+                                   "`fedjax-priv data prepare NAME --out PATH`)")
+  with FederatedStore(path) as store:
+    train = store.to_federated()
+  with FederatedStore(test_path) as store:
+    test = store.to_federated()
+  return train, test.x, test.y
 
 
 def build(config: Config) -> Experiment:
   """Builds the experiment; raises ValueError on inconsistent settings, before compiling."""
-  data, sim, privacy = config.data, config.simulation, config.privacy
-  train, x_test, y_test = federated_digits(data.num_clients, data.partition, data.dirichlet_alpha,
-                                           data.seed, data.test_fraction)
+  if config.data.dataset == "store":
+    train, x_test, y_test = load_store(config.data.store)
+    # The store fixes the population; checks that depend on it run again.
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, num_clients=train.num_clients))
+    config_lib.validate(config)
+  else:
+    data = config.data
+    train, x_test, y_test = federated_digits(data.num_clients, data.partition,
+                                             data.dirichlet_alpha, data.seed, data.test_fraction)
+  sim, privacy = config.simulation, config.privacy
   num_classes = int(max(train.y.max(), y_test.max())) + 1
   model = _model(config, train.feature_shape, num_classes)
   sampler = make_sampler(config, train.num_clients)

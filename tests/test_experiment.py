@@ -1,0 +1,106 @@
+"""What `experiment.build` wires from the config: stores, FedProx, stragglers, server adaptivity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_priv import config as config_lib
+from fedjax_priv import runner
+from fedjax_priv import tree as tree_util
+from fedjax_priv.data import FederatedDataset, federated_digits
+from fedjax_priv.data.prepare import heldout_store_path
+from fedjax_priv.data.store import write_store
+from fedjax_priv.experiment import build, make_optimizer
+
+TINY = ["model.name=logistic_regression", "client.local_steps=3", "client.batch_size=8",
+        "simulation.rounds=2", "simulation.eval_every=2", "simulation.backend=vmap"]
+
+
+def _config(*overrides):
+  return config_lib.load(None, TINY + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  """A 7-client digits store and its test store, as `fedjax-priv data prepare` lays them out."""
+  train, x_test, y_test = federated_digits(7, "iid", seed=3)
+  path = tmp_path_factory.mktemp("store") / "digits.sqlite"
+  write_store(path, train, name="digits")
+  test = FederatedDataset.from_partition(x_test, y_test, [np.arange(len(y_test))])
+  write_store(heldout_store_path(path), test, name="digits", split="test")
+  return path, train, x_test, y_test
+
+
+def test_store_dataset_trains_on_the_store(store, tmp_path):
+  path, train, x_test, y_test = store
+  config = _config("data.dataset=store", f"data.store={path}", "simulation.cohort_size=3")
+  exp = build(config)
+  assert exp.train.num_clients == 7 and exp.config.data.num_clients == 7
+  np.testing.assert_array_equal(exp.train.client_sizes, train.client_sizes)
+  np.testing.assert_array_equal(exp.y_test, y_test)
+  summary = runner.run(config, tmp_path, progress=False)
+  assert summary["num_clients"] == 7 and summary["rounds"] == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.dataset=store"], "data.store"),
+    (["data.store=/tmp/x.sqlite"], "data.store"),
+])
+def test_store_settings_must_agree(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+    _config(*overrides)
+
+
+def test_missing_store_is_named(tmp_path):
+  config = _config("data.dataset=store", f"data.store={tmp_path / 'nope.sqlite'}")
+  with pytest.raises(config_lib.ConfigError, match="data.store.*does not exist"):
+    build(config)
+
+
+def test_store_smaller_than_the_cohort_is_refused(store):
+  path = store[0]
+  with pytest.raises(config_lib.ConfigError, match="cohort_size"):
+    build(_config("data.dataset=store", f"data.store={path}", "simulation.cohort_size=8",
+                  "data.num_clients=10"))
+
+
+def test_proximal_mu_pulls_local_training_towards_the_server_model():
+  """client.proximal_mu is FedProx's mu: larger mu, smaller local drift."""
+  drifts = []
+  for mu in (0.0, 0.5, 1.5):  # lr * mu < 1 keeps the proximal step a contraction.
+    exp = build(_config(f"client.proximal_mu={mu}", "client.learning_rate=0.5"))
+    params = exp.model.init(jax.random.key(0))
+    n, b = exp.batching.num_steps, exp.batching.batch_size
+    x = jnp.asarray(exp.train.x[: n * b].reshape(n, b, *exp.train.feature_shape))
+    y = jnp.asarray(exp.train.y[: n * b].reshape(n, b))
+    delta, _ = exp.client_update(params, x, y, jnp.ones((n, b)), jax.random.key(1))
+    drifts.append(float(tree_util.l2_norm(delta)))
+  assert drifts[0] > drifts[1] > drifts[2] and drifts[2] < 0.85 * drifts[0]
+
+
+def test_stragglers_are_drawn_every_round(tmp_path):
+  config = _config("simulation.straggler_fraction=0.5", "simulation.straggler_policy=partial",
+                   "simulation.cohort_size=4")
+  summary = runner.run(config, tmp_path, progress=False)
+  metrics = (tmp_path / "metrics.jsonl").read_text()
+  assert summary["rounds"] == 2 and '"stragglers": 2.0' in metrics
+
+
+def test_bad_straggler_fraction_is_named():
+  with pytest.raises(config_lib.ConfigError, match="straggler_fraction"):
+    _config("simulation.straggler_fraction=1.0")
+
+
+def test_server_adaptivity_is_the_epsilon_of_adaptive_optimizers():
+  """FedAdam's first step is -lr * g / (|g| + tau): tau = server.adaptivity (Reddi et al. 2021)."""
+  g = {"w": jnp.full((3,), 1e-3)}
+  for name in ("adam", "yogi", "adagrad"):
+    small, large = (make_optimizer(name, 1.0, tau) for tau in (1e-8, 1e-1))
+    step_small = small.update(g, small.init(g))[0]["w"]
+    step_large = large.update(g, large.init(g))[0]["w"]
+    assert float(jnp.abs(step_large[0])) < 0.9 * float(jnp.abs(step_small[0])), name
+  exp = build(_config("server.optimizer=adam", "server.adaptivity=0.25"))
+  state = exp.server_optimizer.init(g)
+  step = exp.server_optimizer.update(g, state)[0]["w"]
+  np.testing.assert_allclose(step, -1e-3 / (1e-3 + 0.25), rtol=1e-4)
