@@ -111,6 +111,22 @@ def weighted_mean(weighting: str = "num_examples") -> Aggregator:
   return Aggregator(_no_state, prepare, finalize)
 
 
+def clipping_prepare(clip_norm: Any):
+  """The `prepare` of user-level DP aggregators: clip the delta to C, weight 1.
+
+  Every client weighs 1 whatever its example count: weighting by it would
+  break the sensitivity bound. Reports `delta_norm` and `clipped_fraction`.
+  """
+
+  def prepare(state, delta, num_examples, ctx):
+    del state, num_examples, ctx
+    clipped, norm = clip_by_l2_norm(delta, clip_norm)
+    stats = {"delta_norm": norm, "clipped_fraction": (norm > clip_norm).astype(jnp.float32)}
+    return clipped, jnp.float32(1.0), stats
+
+  return prepare
+
+
 def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: float) -> Aggregator:
   """User-level DP mean of DP-FedAvg (McMahan et al. 2018, ICLR).
 
@@ -142,12 +158,6 @@ def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: flo
   if not expected_cohort_size > 0:
     raise ValueError(f"expected_cohort_size must be > 0, got {expected_cohort_size}")
 
-  def prepare(state, delta, num_examples, ctx):
-    del state, num_examples, ctx  # Weighting by example count would break the sensitivity bound.
-    clipped, norm = clip_by_l2_norm(delta, clip_norm)
-    stats = {"delta_norm": norm, "clipped_fraction": (norm > clip_norm).astype(jnp.float32)}
-    return clipped, jnp.float32(1.0), stats
-
   def finalize(state, weighted_sum, total_weight, ctx):
     del total_weight
     noise = gaussian_like(ctx.key, weighted_sum, noise_multiplier * clip_norm)
@@ -155,4 +165,4 @@ def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: flo
     return update, state, {"noise_stddev": jnp.float32(
         noise_multiplier * clip_norm / expected_cohort_size)}
 
-  return Aggregator(_no_state, prepare, finalize)
+  return Aggregator(_no_state, clipping_prepare(clip_norm), finalize)

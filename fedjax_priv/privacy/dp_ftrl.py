@@ -49,8 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.aggregation import Aggregator
-from fedjax_priv.privacy.clipping import clip_by_l2_norm
+from fedjax_priv.privacy.aggregation import Aggregator, clipping_prepare
 from fedjax_priv.privacy.noise import gaussian_like
 
 
@@ -110,12 +109,6 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, expected_cohor
     nodes = jax.tree.map(lambda p: jnp.zeros((levels, *jnp.shape(p)), jnp.float32), params)
     return TreeState(jnp.int32(0), nodes)
 
-  def prepare(state, delta, num_examples, ctx):
-    del state, num_examples, ctx  # Weighting by example count would break the sensitivity bound.
-    clipped, norm = clip_by_l2_norm(delta, clip_norm)
-    stats = {"delta_norm": norm, "clipped_fraction": (norm > clip_norm).astype(jnp.float32)}
-    return clipped, jnp.float32(1.0), stats
-
   def finalize(state, weighted_sum, total_weight, ctx):
     del total_weight  # The realised count would leak participation.
     t = state.step + 1
@@ -141,4 +134,4 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, expected_cohor
              "noise_stddev": node_stddev * jnp.sqrt(tree_nodes) / expected_cohort_size}
     return update, TreeState(jnp.where(restart, 0, t).astype(jnp.int32), nodes), stats
 
-  return Aggregator(init, prepare, finalize)
+  return Aggregator(init, clipping_prepare(clip_norm), finalize)

@@ -1,6 +1,8 @@
 """Tests for FedProx: the proximal term, its client update and its rounds under every backend."""
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,9 @@ from fedjax_priv.models.zoo import logistic_regression, mlp
 from fedjax_priv.privacy.aggregation import weighted_mean
 from fedjax_priv.simulation.round import BACKENDS, build_round
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _logreg_reference import logreg_grad  # noqa: E402
+
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 D, C = 5, 3
@@ -29,16 +34,6 @@ def random_params(seed):
   params = LOGREG.init(jax.random.key(seed))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
-
-
-def logreg_grad(w, b, x, y, mask):
-  """Hand gradient of the masked mean softmax cross-entropy of x @ w + b."""
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  p[np.arange(len(y)), y] -= 1.0
-  p *= (mask / max(mask.sum(), 1.0))[:, None]
-  return x.T @ p, p.sum(0)
 
 
 def make_batch(seed, num_real=K):

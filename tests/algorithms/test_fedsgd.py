@@ -1,6 +1,8 @@
 """Tests for FedSGD: FedAvg with one full-batch gradient step of rate 1 and a server step eta."""
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,22 +16,15 @@ from fedjax_priv.models.zoo import logistic_regression
 from fedjax_priv.privacy.aggregation import weighted_mean
 from fedjax_priv.simulation.round import BACKENDS, build_round
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _logreg_reference import logreg_grad  # noqa: E402
+
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 D, C = 4, 3
 LOGREG = logistic_regression((D,), C)
 K, S, B = 4, 2, 3  # 3 real clients and one padded slot.
 ETA = 0.6
-
-
-def logreg_grad(w, b, x, y, mask):
-  """Hand gradient of the masked mean softmax cross-entropy of x @ w + b."""
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  p[np.arange(len(y)), y] -= 1.0
-  p *= (mask / max(mask.sum(), 1.0))[:, None]
-  return x.T @ p, p.sum(0)
 
 
 def make_batch(seed):

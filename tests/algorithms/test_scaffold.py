@@ -1,6 +1,8 @@
 """Tests for SCAFFOLD (option II) and the stateful round builder, against a hand-written loop."""
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,9 @@ from fedjax_priv.models.zoo import logistic_regression
 from fedjax_priv.privacy.aggregation import dp_mean, weighted_mean
 from fedjax_priv.simulation.round import BACKENDS, build_stateful_round
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _logreg_reference import logreg_grad  # noqa: E402
+
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 D, C = 4, 3
@@ -29,16 +34,6 @@ FRACTION = 3 / N
 COHORTS = [([0, 2, 4], [1, -1]), ([1, 2, 5], [3, 0]), ([5, 0, 3], [2, 7])]
 EMPTY = (1, 2)      # Round 1, slot 2 (client 5): no real example, so K = 0 steps.
 NONFINITE = (2, 1)  # Round 2, slot 1 (client 0): a NaN in a real example.
-
-
-def logreg_grad(w, b, x, y, mask):
-  """Hand gradient of the masked mean softmax cross-entropy of x @ w + b."""
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  p[np.arange(len(y)), y] -= 1.0
-  p *= (mask / max(mask.sum(), 1.0))[:, None]
-  return x.T @ p, p.sum(0)
 
 
 def make_round_data(round_index):

@@ -5,6 +5,8 @@ hand (adaptivity tau = eps = 1e-3, as in the paper), under every backend.
 """
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,22 +21,15 @@ from fedjax_priv.models.zoo import logistic_regression
 from fedjax_priv.privacy.aggregation import weighted_mean
 from fedjax_priv.simulation.round import BACKENDS, build_round
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _logreg_reference import logreg_grad  # noqa: E402
+
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 D, C = 4, 3
 LOGREG = logistic_regression((D,), C)
 K, B = 4, 5  # One local step per client; slot 3 is padding.
 CLIENT_LR, SERVER_LR, TAU, B1, B2 = 0.5, 0.1, 1e-3, 0.9, 0.99
-
-
-def logreg_grad(w, b, x, y, mask):
-  """Hand gradient of the masked mean softmax cross-entropy of x @ w + b."""
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  p[np.arange(len(y)), y] -= 1.0
-  p *= (mask / max(mask.sum(), 1.0))[:, None]
-  return x.T @ p, p.sum(0)
 
 
 def adam_step(g):
