@@ -6,6 +6,7 @@ Every helper works leaf-wise on arbitrary pytrees of arrays and is safe under
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -73,6 +74,15 @@ def weighted_sum(weights: jax.Array, stacked: PyTree) -> PyTree:
   """
   return jax.tree.map(
       lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked)
+
+
+def is_concrete_number(value: Any) -> bool:
+  """True for a Python or NumPy number, False for arrays and tracers.
+
+  Hyper-parameters may arrive traced (a sweep vmaps over them); range checks
+  on them run on the host, before tracing, and are skipped here.
+  """
+  return isinstance(value, numbers.Real)
 
 
 def num_parameters(tree: PyTree) -> int:

@@ -138,3 +138,13 @@ def test_cli_sweep_writes_csv_json_and_plot(tmp_path, capsys):
   assert (out / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
   assert np.isfinite(report["rows"][0]["epsilon"])
   assert cli.main(["sweep", str(config), "--grid", "privacy.bogus=1"]) == 2
+
+
+def test_example_level_noise_is_traced_too():
+  """DP-SGD's sigma and clip norm vmap like the user level's (one compile, own epsilons)."""
+  result = sweep.sweep(_config("privacy.unit=example"),
+                       {"privacy.noise_multiplier": [0.8, 3.0], "privacy.clip_norm": [0.5, 2.0]})
+  assert result.outer == () and len(result.rows) == 4
+  eps = {row["privacy.noise_multiplier"]: row["epsilon"] for row in result.rows}
+  assert eps[0.8] > eps[3.0]
+  assert len({row["test_loss"] for row in result.rows}) == 4

@@ -93,11 +93,12 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
   """
   check_proximal_mu(proximal_mu)
   if example_dp is not None:
-    if not example_dp.clip_norm > 0:
-      raise ValueError(f"example_dp.clip_norm must be > 0, got {example_dp.clip_norm}")
-    if not example_dp.noise_multiplier >= 0:
-      raise ValueError("example_dp.noise_multiplier must be >= 0, "
-                       f"got {example_dp.noise_multiplier}")
+    # Traced values (a sweep vmaps over them) are checked by the sweep, on the host.
+    clip, sigma = example_dp.clip_norm, example_dp.noise_multiplier
+    if tree_util.is_concrete_number(clip) and not clip > 0:
+      raise ValueError(f"example_dp.clip_norm must be > 0, got {clip}")
+    if tree_util.is_concrete_number(sigma) and not sigma >= 0:
+      raise ValueError(f"example_dp.noise_multiplier must be >= 0, got {sigma}")
     if not example_dp.expected_batch_size > 0:
       raise ValueError(
           f"example_dp.expected_batch_size must be > 0, got {example_dp.expected_batch_size}")

@@ -26,7 +26,7 @@ from fedjax_priv.tree import PyTree
 
 def check_proximal_mu(proximal_mu) -> None:
   """Raises ValueError unless mu >= 0; a traced mu (a sweep) is checked by its caller."""
-  if isinstance(proximal_mu, (int, float)) and not proximal_mu >= 0:
+  if tree_util.is_concrete_number(proximal_mu) and not proximal_mu >= 0:
     raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
 
 

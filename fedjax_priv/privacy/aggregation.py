@@ -25,7 +25,6 @@ aggregator learns across rounds (an adaptive clip norm, a DP-FTRL tree).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -70,11 +69,6 @@ class RoundContext(NamedTuple):
   round_key: jax.Array
   cohort_mask: jax.Array
   included: jax.Array
-
-
-def _concrete(value: Any) -> bool:
-  """True for a Python or NumPy number; False for arrays and tracers (e.g. swept values)."""
-  return isinstance(value, numbers.Real)
 
 
 def _no_state(params: Any) -> tuple:
@@ -151,9 +145,9 @@ def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: flo
     noise in each coordinate of the update, sigma * C / expected_cohort_size.
   """
   # Traced values (a sweep vmaps over them) are checked by the sweep, on the host.
-  if _concrete(clip_norm) and not clip_norm > 0:
+  if tree_util.is_concrete_number(clip_norm) and not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-  if _concrete(noise_multiplier) and not noise_multiplier >= 0:
+  if tree_util.is_concrete_number(noise_multiplier) and not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
   if not expected_cohort_size > 0:
     raise ValueError(f"expected_cohort_size must be > 0, got {expected_cohort_size}")
