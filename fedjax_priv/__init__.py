@@ -1,11 +1,12 @@
 """fedjax_priv: vectorised simulation of private federated learning in JAX.
 
 The client is an array axis: one jitted call trains a whole cohort, with
-per-example clipping, user-level clipping, Gaussian noise and accounting
-composed as pure functions on pytrees. See README.md for a tour.
+per-example clipping, user-level clipping, noise, secure and homomorphic
+aggregation and accounting composed as pure functions on pytrees. See
+README.md for a tour.
 """
 
-from fedjax_priv import algorithms, data, models, privacy, simulation
+from fedjax_priv import algorithms, data, models, privacy, secure, simulation
 from fedjax_priv.algorithms import ExampleDP, ServerState, make_client_update, server_init
 from fedjax_priv.data.device import ClientBatch, gather_cohort, sample_client_batches
 from fedjax_priv.models import Model
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ClientBatch", "ExampleDP", "Model", "ServerState", "algorithms", "build_round", "data",
     "dp_mean", "gather_cohort", "make_client_update", "models", "privacy", "sample_client_batches",
-    "server_init", "simulation", "weighted_mean",
+    "secure", "server_init", "simulation", "weighted_mean",
 ]
