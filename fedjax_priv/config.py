@@ -116,8 +116,9 @@ CHOICES = {
 }
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
-            "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size", "simulation.rounds",
-            "simulation.cohort_size", "simulation.eval_every", "server.adaptivity")
+            "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size",
+            "simulation.rounds", "simulation.cohort_size", "simulation.eval_every",
+            "server.adaptivity")
 NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.proximal_mu",
                 "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
                 "privacy.epsilon_budget",
@@ -212,7 +213,8 @@ def validate(config: Config) -> None:
                       f"{sim.straggler_fraction!r}")
   if (config.data.dataset == "store") != bool(config.data.store):
     raise ConfigError("data.store names the SQLite store to train on and needs data.dataset = "
-                      f"store (got dataset = {config.data.dataset!r}, store = {config.data.store!r})")
+                      f"store (got dataset = {config.data.dataset!r}, "
+                      f"store = {config.data.store!r})")
   if privacy.unit == "none":
     for key in ("target_epsilon", "epsilon_budget"):
       if getattr(privacy, key) > 0:

@@ -185,7 +185,8 @@ def test_cli_calibrate_prints_the_noise_multipliers(tmp_path, capsys):
   """`fedjax-priv calibrate` prints --set lines equal to calibrate()'s values."""
   from fedjax_priv import cli
   config = tmp_path / "c.toml"
-  config.write_text('[privacy]\nunit = "both"\ntarget_epsilon = 4.0\nexample_target_epsilon = 6.0\n')
+  config.write_text('[privacy]\nunit = "both"\ntarget_epsilon = 4.0\n'
+                    'example_target_epsilon = 6.0\n')
   overrides = [item for text in BASE for item in ("--set", text)]
   assert cli.main(["calibrate", str(config), *overrides]) == 0
   printed = capsys.readouterr().out.split()

@@ -1,4 +1,4 @@
-"""A hand-written reference shared by the algorithm tests: the gradient of a linear softmax model."""
+"""Hand-written reference shared by the algorithm tests: a linear softmax model's gradient."""
 
 import numpy as np
 
