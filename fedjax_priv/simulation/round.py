@@ -54,7 +54,9 @@ StatefulRoundFn = Callable[..., tuple[ServerState, Any, dict]]
 StatefulClientUpdate = Callable[..., tuple]
 
 
-def _stateless(client_update: ClientUpdate) -> StatefulClientUpdate:
+def stateless_update(client_update: ClientUpdate) -> StatefulClientUpdate:
+  """A `make_client_update` function as a stateful one whose client state passes through."""
+
   def update(server_state, client_state, x, y, mask, key):
     delta, metrics = client_update(server_state.params, x, y, mask, key)
     return delta, client_state, metrics
@@ -62,7 +64,7 @@ def _stateless(client_update: ClientUpdate) -> StatefulClientUpdate:
   return update
 
 
-def _per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
+def per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
   """One client's contribution: (delta', per-client scalars incl. its weight, new state)."""
 
   def per_client(state, client_state, x, y, mask, num_examples, client_mask, slot, key, round_key,
@@ -89,7 +91,7 @@ def _per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
   return per_client
 
 
-def _sum_group(per_client, state: ServerState, client_states, batch: ClientBatch, slots, keys,
+def sum_group(per_client, state: ServerState, client_states, batch: ClientBatch, slots, keys,
                round_key, cohort_mask, aggregator: Aggregator):
   """Vmaps `per_client` over a group of clients and sums their contributions.
 
@@ -153,7 +155,7 @@ def check_batch(batch: ClientBatch) -> None:
                        f"{tuple(batch.x.shape)}, got {got}")
 
 
-def _pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:
+def pad_client_slots(batch: ClientBatch, multiple: int) -> ClientBatch:
   """Pads the client axis with empty slots (client_mask 0) to a multiple of `multiple`."""
   extra = -batch.client_mask.shape[0] % multiple
   if extra == 0:
@@ -161,7 +163,12 @@ def _pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:
   return jax.tree.map(lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)), batch)
 
 
-def _finish(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
+def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
+  """Finalizes the cohort's sum, applies the server optimizer and forms the round's metrics.
+
+  The building blocks above (`per_client_fn`, `sum_group`, `pad_client_slots`,
+  this) are shared with `simulation.sharding`, which runs them per device.
+  """
   update, aggregator_state, agg_stats = aggregator.finalize(
       state.aggregator_state, summed, totals.pop("weight"), ctx)
   new_state = server_update(state, update, server_optimizer)._replace(
@@ -199,7 +206,7 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     rounds) by the caller; for "loop" a host function that jits per client and
     must not itself be traced.
   """
-  stateful = build_stateful_round(_stateless(client_update), aggregator, server_optimizer,
+  stateful = build_stateful_round(stateless_update(client_update), aggregator, server_optimizer,
                                   backend, client_chunk_size)
 
   def round_fn(state, batch, key):
@@ -241,7 +248,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if not (isinstance(client_chunk_size, int) and client_chunk_size >= 1):
     raise ValueError(f"client_chunk_size must be an int >= 1, got {client_chunk_size!r}")
-  per_client = _per_client_fn(client_update, aggregator)
+  per_client = per_client_fn(client_update, aggregator)
 
   def split_keys(key, num_slots):
     client_key, server_key, round_key = jax.random.split(key, 3)
@@ -253,7 +260,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
     check_client_states(client_states, client_ids, batch.client_mask.shape[0])
 
   def finish(state, client_states, summed, totals, ctx):
-    state, metrics = _finish(state, summed, totals, ctx, aggregator, server_optimizer)
+    state, metrics = finish_round(state, summed, totals, ctx, aggregator, server_optimizer)
     return state, client_states, metrics
 
   def vmap_round(state, client_states, batch, client_ids, key):
@@ -262,7 +269,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
     keys, server_key, round_key = split_keys(key, num_slots)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     cohort_states = _gather_states(client_states, client_ids, batch.client_mask)
-    summed, totals, weights, new_states = _sum_group(
+    summed, totals, weights, new_states = sum_group(
         per_client, state, cohort_states, batch, slots, keys, round_key, batch.client_mask,
         aggregator)
     client_states = _scatter_states(client_states, client_ids, weights, new_states)
@@ -278,7 +285,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
     num_chunks = -(-num_slots // client_chunk_size)
     chunk = -(-num_slots // num_chunks)
     extra = -num_slots % chunk
-    batch = _pad_clients(batch, chunk)
+    batch = pad_client_slots(batch, chunk)
     client_ids = jnp.pad(client_ids, (0, extra))
     padded_slots = batch.client_mask.shape[0]
     keys, server_key, round_key = split_keys(key, padded_slots)
@@ -292,7 +299,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
       # client states is ever materialised next to the population's.
       chunk_batch, ids, chunk_slots, chunk_keys = chunk
       cohort_states = _gather_states(client_states, ids, chunk_batch.client_mask)
-      summed, totals, weights, new_states = _sum_group(
+      summed, totals, weights, new_states = sum_group(
           per_client, state, cohort_states, chunk_batch, chunk_slots, chunk_keys, round_key,
           cohort_mask, aggregator)
       return summed, totals, weights, _scatter_states(client_states, ids, weights, new_states)

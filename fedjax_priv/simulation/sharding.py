@@ -66,8 +66,8 @@ from fedjax_priv.algorithms.server import ServerState
 from fedjax_priv.data.device import ClientBatch
 from fedjax_priv.privacy.aggregation import Aggregator, RoundContext
 from fedjax_priv.simulation.program import Batching, rounds_on_device
-from fedjax_priv.simulation.round import (RoundFn, _finish, _pad_clients, _per_client_fn,
-                                          _stateless, _sum_group, check_batch)
+from fedjax_priv.simulation.round import (RoundFn, check_batch, finish_round, pad_client_slots,
+                                          per_client_fn, stateless_update, sum_group)
 
 CLIENT_AXIS = "clients"
 SHARDED_BACKENDS = ("vmap", "chunked")
@@ -102,13 +102,13 @@ def _sum_local_clients(per_client, state, batch, slots, keys, round_key, cohort_
                        aggregator: Aggregator, chunk: int):
   """Sums one device's clients: vmap inside chunks of `chunk` slots, scan over the chunks.
 
-  Returns (partial sum, summed scalars, [K_d] weights), like `_sum_group`.
+  Returns (partial sum, summed scalars, [K_d] weights), like `sum_group`.
   """
   chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), (batch, slots, keys))
 
   def group(chunk_inputs):
     # Stateless clients: an empty client-state pytree, so nothing is gathered.
-    summed, totals, weights, _ = _sum_group(per_client, state, (), *chunk_inputs, round_key,
+    summed, totals, weights, _ = sum_group(per_client, state, (), *chunk_inputs, round_key,
                                             cohort_mask, aggregator)
     return summed, totals, weights
 
@@ -175,7 +175,7 @@ def build_sharded_round(client_update: ClientUpdate, aggregator: Aggregator,
   if not (isinstance(client_chunk_size, int) and client_chunk_size >= 1):
     raise ValueError(f"client_chunk_size must be an int >= 1, got {client_chunk_size!r}")
   num_devices = _axis_size(mesh, axis_name)
-  per_client = _per_client_fn(_stateless(client_update), aggregator)
+  per_client = per_client_fn(stateless_update(client_update), aggregator)
 
   def device_round(state, batch, cohort_mask, key, chunk):
     """One device's view: its block of slots in, the replicated round out."""
@@ -191,12 +191,12 @@ def build_sharded_round(client_update: ClientUpdate, aggregator: Aggregator,
     totals = jax.lax.psum(local_totals, axis_name)
     weights = jax.lax.all_gather(local_weights, axis_name, tiled=True)
     ctx = RoundContext(server_key, round_key, cohort_mask, (weights > 0).astype(jnp.float32))
-    return _finish(state, summed, totals, ctx, aggregator, server_optimizer)
+    return finish_round(state, summed, totals, ctx, aggregator, server_optimizer)
 
   def sharded_round(state: ServerState, batch: ClientBatch, key: jax.Array):
     check_batch(batch)
     chunk = _slots_per_chunk(batch.client_mask.shape[0], num_devices, backend, client_chunk_size)
-    batch = _pad_clients(batch, num_devices * chunk)
+    batch = pad_client_slots(batch, num_devices * chunk)
     clients = PartitionSpec(axis_name)
     # check_vma=False: with it on, shard_map types values created inside a
     # device's code as replicated and transposes them to a psum, so client code
@@ -230,7 +230,7 @@ def shard_batch(batch: ClientBatch, mesh: Mesh, axis_name: str = CLIENT_AXIS) ->
   """
   check_batch(batch)
   num_devices = _axis_size(mesh, axis_name)
-  padded = _pad_clients(jax.tree.map(jnp.asarray, batch), num_devices)
+  padded = pad_client_slots(jax.tree.map(jnp.asarray, batch), num_devices)
   return jax.device_put(padded, NamedSharding(mesh, PartitionSpec(axis_name)))
 
 
@@ -261,7 +261,7 @@ def pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:
   if not (isinstance(multiple, int) and multiple >= 1):
     raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
   check_batch(batch)
-  return _pad_clients(jax.tree.map(jnp.asarray, batch), multiple)
+  return pad_client_slots(jax.tree.map(jnp.asarray, batch), multiple)
 
 
 def sharded_rounds_on_device(round_fn: RoundFn, batching: Batching, mesh: Mesh,
