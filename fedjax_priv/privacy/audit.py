@@ -42,6 +42,8 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
+from fedjax_priv.privacy.accounting import check_int
+
 # Bisection on log(eps) stops when the bracket is this tight relative to eps.
 _RELATIVE_TOLERANCE = 1e-9
 # eps below this is reported as 0: the test cannot tell it from no leakage.
@@ -51,18 +53,10 @@ _SMALLEST_EPSILON = 1e-9
 _LARGEST_EPSILON = 40.0
 
 
-def _check_count(name: str, value, minimum: int = 0) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-  return int(value)
-
-
 def _check_counts(num_guesses, num_correct, num_canaries) -> tuple[int, int, int]:
-  r = _check_count("num_guesses", num_guesses)
-  v = _check_count("num_correct", num_correct)
-  m = _check_count("num_canaries", num_canaries, minimum=1)
+  r = check_int("num_guesses", num_guesses, 0)
+  v = check_int("num_correct", num_correct, 0)
+  m = check_int("num_canaries", num_canaries, minimum=1)
   if v > r:
     raise ValueError(f"num_correct ({v}) must be <= num_guesses ({r})")
   if r > m:
@@ -189,8 +183,8 @@ def count_correct_guesses(scores: np.ndarray, is_member: np.ndarray, num_positiv
                      f"shape {is_member.shape} and dtype {is_member.dtype}")
   if not np.all(np.isfinite(scores)):
     raise ValueError(f"scores must be finite, got {int(np.sum(~np.isfinite(scores)))} non-finite")
-  k_pos = _check_count("num_positive", num_positive)
-  k_neg = _check_count("num_negative", num_negative)
+  k_pos = check_int("num_positive", num_positive, 0)
+  k_neg = check_int("num_negative", num_negative, 0)
   if k_pos + k_neg > scores.size:
     raise ValueError(f"num_positive + num_negative ({k_pos} + {k_neg}) must be <= the number of "
                      f"canaries ({scores.size})")
@@ -226,7 +220,7 @@ def default_guess_counts(num_canaries: int) -> tuple[tuple[int, int], ...]:
   Few guesses pay off when only the extreme scores are informative (strong
   noise); guessing every canary pays off when the scores separate well.
   """
-  m = _check_count("num_canaries", num_canaries, minimum=2)
+  m = check_int("num_canaries", num_canaries, minimum=2)
   ks = sorted({max(1, int(round(m * f))) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35)} |
               {m // 2})
   return tuple((k, k) for k in ks)
