@@ -113,6 +113,14 @@ def check_int(name: str, value: Any, minimum: int) -> int:
   return int(value)
 
 
+def check_positive(name: str, value: Any) -> float:
+  """`value` as a finite float > 0, or ValueError naming `name`."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+      math.isfinite(value) and value > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+  return float(value)
+
+
 def _check_real(name: str, value: Any) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise ValueError(f"{name} must be a real number, got {value!r}.")

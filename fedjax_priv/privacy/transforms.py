@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
+from fedjax_priv.privacy.accounting import check_positive
 from fedjax_priv.privacy.aggregation import Aggregator
 from fedjax_priv.privacy.clipping import clip_by_l2_norm, clip_factor
 from fedjax_priv.privacy.noise import gaussian_like, laplace_like
@@ -170,13 +171,6 @@ class Transform(NamedTuple):
 # Argument checks.
 
 
-def _check_positive(name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      math.isfinite(value) and value > 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-  return float(value)
-
-
 def _check_multiplier(name: str, value: Any) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
       math.isfinite(value) and value >= 0):
@@ -205,7 +199,7 @@ def clip_l2(clip_norm: float) -> Transform:
   References:
     Abadi et al. 2016 (per-example); McMahan et al. 2018 (per-user).
   """
-  clip_norm = _check_positive("clip_l2(clip_norm)", clip_norm)
+  clip_norm = check_positive("clip_l2(clip_norm)", clip_norm)
 
   def update(tree, state, key, tracked):
     del key, tracked
@@ -234,7 +228,7 @@ def clip_l2_per_layer(clip_norms: PyTree) -> Transform:
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(clip_norms)
   if not with_paths:
     raise ValueError("clip_l2_per_layer(clip_norms) must have at least one leaf")
-  leaves = [_check_positive(f"clip_l2_per_layer(clip_norms){jax.tree_util.keystr(path)}", c)
+  leaves = [check_positive(f"clip_l2_per_layer(clip_norms){jax.tree_util.keystr(path)}", c)
             for path, c in with_paths]
   total = math.sqrt(sum(c * c for c in leaves))
 
@@ -266,7 +260,7 @@ def clip_l1(clip_norm: float) -> Transform:
   References:
     Dwork & Roth 2014, Sec. 3.3 (L1 sensitivity of the Laplace mechanism).
   """
-  clip_norm = _check_positive("clip_l1(clip_norm)", clip_norm)
+  clip_norm = check_positive("clip_l1(clip_norm)", clip_norm)
 
   def update(tree, state, key, tracked):
     del key, tracked
@@ -393,7 +387,7 @@ def mean(denominator: float) -> Transform:
   Args:
     denominator: m > 0, public.
   """
-  denominator = _check_positive("mean(denominator)", denominator)
+  denominator = check_positive("mean(denominator)", denominator)
 
   def update(tree, state, key, tracked):
     del key, tracked

@@ -131,7 +131,7 @@ def discrete_gaussian(key: jax.Array, sigma: float, shape: Sequence[int]) -> jax
   Returns:
     int32 array of `shape`.
   """
-  sigma = _check_positive("sigma", sigma)
+  sigma = accounting.check_positive("sigma", sigma)
   shape = tuple(shape)
   t = float(math.floor(sigma) + 1)
   center, two_var = sigma * sigma / t, 2.0 * sigma * sigma
@@ -261,13 +261,6 @@ def _stirling_correction(k: jax.Array) -> jax.Array:
 # Configuration: one place that derives every scale from the hyper-parameters.
 
 
-def _check_positive(name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      math.isfinite(value) and value > 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-  return float(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class DistributedDPConfig:
   """Hyper-parameters of one distributed-DP round and the scales derived from them.
@@ -303,7 +296,7 @@ class DistributedDPConfig:
   max_rounding_tries: int = 100
 
   def __post_init__(self):
-    _check_positive("clip_norm", self.clip_norm)
+    accounting.check_positive("clip_norm", self.clip_norm)
     z = self.noise_multiplier
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not (math.isfinite(z) and z >= 0):
       raise ValueError(f"noise_multiplier must be a finite number >= 0, got {z!r}")
@@ -316,7 +309,7 @@ class DistributedDPConfig:
       raise ValueError(f"bits must be an int in [1, {quantization.MAX_BITS}], got {self.bits!r}")
     if not (isinstance(self.beta, (int, float)) and 0 <= self.beta < 1):
       raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
-    _check_positive("k_stddevs", self.k_stddevs)
+    accounting.check_positive("k_stddevs", self.k_stddevs)
     if self.granularity is None:
       if 4.0**self.bits <= self.k_stddevs**2 * self.num_clients:
         raise ValueError(
@@ -324,7 +317,7 @@ class DistributedDPConfig:
             f"k_stddevs={self.k_stddevs}: the rounding noise alone overflows 2^bits; "
             "raise bits or set granularity")
     else:
-      _check_positive("granularity", self.granularity)
+      accounting.check_positive("granularity", self.granularity)
 
   @property
   def padded_dim(self) -> int:
