@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -35,21 +31,14 @@ import numpy as np
 from fedjax_priv import config as config_lib
 from fedjax_priv.simulation.audit import run_canary_audit
 
-ROOT = Path(__file__).resolve().parent.parent
+import results_page  # experiments/results_page.py, beside this script
+
+ROOT = results_page.ROOT
 
 
 def _noise_off(config: config_lib.Config) -> config_lib.Config:
   return dataclasses.replace(config, privacy=dataclasses.replace(
       config.privacy, target_epsilon=0.0, noise_multiplier=0.0))
-
-
-def _hardware() -> str:
-  device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  load = os.getloadavg()[0]
-  return (f"jax {jax.__version__} on {jax.default_backend()} ({device.device_kind}); "
-          f"{os.cpu_count()} CPU cores ({cpu}), shared: load average {load:.1f} at the end of the "
-          f"run; python {platform.python_version()}")
 
 
 def _noise_check(result, config: config_lib.Config) -> str:
@@ -96,8 +85,7 @@ def main() -> None:
           f"{result.test_accuracy:.3f}, wall {wall:.1f} s", flush=True)
     rows.append((name, result, wall))
 
-  command = "JAX_PLATFORMS=cpu .venv/bin/python " + shlex.join(
-      [str(Path(sys.argv[0]).resolve().relative_to(ROOT))] + sys.argv[1:])
+  command = results_page.command()
   first = rows[0][1]
   lines = [
       "# Empirical privacy audit of the default experiment",
@@ -129,7 +117,7 @@ def main() -> None:
       "",
       f"Command: `{command}`",
       "",
-      f"Hardware: {_hardware()}.",
+      f"Hardware: {results_page.hardware()}.",
       "",
       "How to read it: the lower bound is what one run of this audit can prove, not the true "
       "eps. With sigma calibrated it must stay at or below the accountant's eps: here "

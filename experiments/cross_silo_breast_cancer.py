@@ -46,10 +46,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -74,7 +70,9 @@ from fedjax_priv.secure.aggregators import secure_sum
 from fedjax_priv.simulation.program import Batching, rounds_on_device
 from fedjax_priv.simulation.round import build_round
 
-ROOT = Path(__file__).resolve().parent.parent
+import results_page  # experiments/results_page.py, beside this script
+
+ROOT = results_page.ROOT
 NUM_FEATURES, NUM_CLASSES = 30, 2
 
 
@@ -121,13 +119,6 @@ def make_program(aggregator, example_dp: ExampleDP | None, batching: Batching, a
     return correct / count, metrics
 
   return jax.jit(jax.vmap(one_run))
-
-
-def _hardware() -> str:
-  cpu = platform.processor() or platform.machine()
-  return (f"jax {jax.__version__} on {jax.default_backend()}; {os.cpu_count()} CPU cores "
-          f"({cpu}), shared with other jobs: load average {os.getloadavg()[0]:.1f} at the end; "
-          f"python {platform.python_version()}")
 
 
 def _mean_std(values) -> str:
@@ -250,9 +241,9 @@ def write_page(rows, baselines, args, sizes, num_test, times, path: Path) -> Non
       "",
       "## Run",
       "",
-      f"Command: `JAX_PLATFORMS=cpu .venv/bin/python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+      f"Command: `{results_page.command()}`",
       "",
-      f"Hardware: {_hardware()}.",
+      f"Hardware: {results_page.hardware()}.",
       "",
       f"Wall time: {times['total']:.0f} s in all.",
   ]

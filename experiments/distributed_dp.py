@@ -43,10 +43,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -68,7 +64,9 @@ from fedjax_priv.secure import distributed_dp as ddp
 from fedjax_priv.simulation.program import rounds_on_device
 from fedjax_priv.simulation.round import build_round
 
-ROOT = Path(__file__).resolve().parent.parent
+import results_page  # experiments/results_page.py, beside this script
+
+ROOT = results_page.ROOT
 MECHANISMS = ("central", "ddg", "skellam")
 LABELS = {"central": "central Gaussian", "ddg": "distributed discrete Gaussian",
           "skellam": "distributed Skellam"}
@@ -277,13 +275,6 @@ def _overflow(point: Point | None) -> str:
           f"{m['range_used'].max():.2f}")
 
 
-def _hardware() -> str:
-  cpu = platform.processor() or platform.machine()
-  return (f"jax {jax.__version__} on {jax.default_backend()}; {os.cpu_count()} CPU cores ({cpu}), "
-          f"shared with other jobs: load average {os.getloadavg()[0]:.1f} at the end of the run; "
-          f"python {platform.python_version()}")
-
-
 def _plot(path: Path, series: dict[str, list[tuple[float, Point]]], xlabel: str, title: str,
           logx: bool = False, reference: Point | None = None) -> None:
   """Accuracy (mean ± std over seeds) per mechanism over x; `reference` drawn as a band."""
@@ -418,9 +409,9 @@ def write_report(args, setup: Setup, bits_points: dict[str, list[Point | None]],
       "",
       "## Reproduce",
       "",
-      f"Command: `JAX_PLATFORMS=cpu .venv/bin/python {shlex.join(sys.argv)}`",
+      f"Command: `{results_page.command()}`",
       "",
-      f"Hardware: {_hardware()}.",
+      f"Hardware: {results_page.hardware()}.",
       "",
       f"Wall time: {wall_s:.0f} s in all; {sum(p.compile_s for p in every):.0f} s of it XLA "
       f"compilation ({len(every)} programs, one per mechanism, z and bits, each vmapped over the "

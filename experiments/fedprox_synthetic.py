@@ -41,10 +41,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -63,7 +59,9 @@ from fedjax_priv.privacy.aggregation import weighted_mean
 from fedjax_priv.simulation.program import Batching, rounds_on_device
 from fedjax_priv.simulation.round import build_round
 
-ROOT = Path(__file__).resolve().parent.parent
+import results_page  # experiments/results_page.py, beside this script
+
+ROOT = results_page.ROOT
 DATASETS = (("Synthetic-IID", 0.0, 0.0, True), ("Synthetic(0,0)", 0.0, 0.0, False),
             ("Synthetic(0.5,0.5)", 0.5, 0.5, False), ("Synthetic(1,1)", 1.0, 1.0, False))
 
@@ -162,13 +160,6 @@ def make_program(algorithm: Algorithm, fraction: float, args):
 
   over_seeds = jax.vmap(one_run, in_axes=(None, None, None, 0, 0))
   return jax.jit(jax.vmap(over_seeds, in_axes=(0, 0, 0, 0, None)))
-
-
-def _hardware() -> str:
-  cpu = platform.processor() or platform.machine()
-  return (f"jax {jax.__version__} on {jax.default_backend()}; {os.cpu_count()} CPU cores "
-          f"({cpu}), shared with other jobs: load average {os.getloadavg()[0]:.1f} at the end; "
-          f"python {platform.python_version()}")
 
 
 def _cell(values: np.ndarray, digits: int) -> str:
@@ -330,9 +321,9 @@ def write_page(results, fractions, names, args, times, data: Data, path: Path) -
       "",
       "## Run",
       "",
-      f"Command: `JAX_PLATFORMS=cpu .venv/bin/python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+      f"Command: `{results_page.command()}`",
       "",
-      f"Hardware: {_hardware()}.",
+      f"Hardware: {results_page.hardware()}.",
       "",
       f"Wall time: {times['total']:.0f} s in all, {times['compile']:.0f} s of it compiling the "
       f"{len(names) * len(fractions)} (algorithm, stragglers) programs; each program trains all "
