@@ -167,18 +167,15 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
     for start in range(0, len(points), group):
       take = list(range(start, min(start + group, len(points))))
       take += [take[-1]] * (group - len(take))  # Static shapes: one compile for all groups.
-      tic = time.perf_counter()
+      args = (_stack([points[j] for j in take]), jnp.asarray([seeds[j] for j in take], jnp.int32),
+              population, np.stack([indices[j] for j in take]),
+              np.stack([masks[j] for j in take]))
       if start == 0:
-        lowered = program.lower(_stack([points[j] for j in take]),
-                                jnp.asarray([seeds[j] for j in take], jnp.int32), population,
-                                np.stack([indices[j] for j in take]),
-                                np.stack([masks[j] for j in take]))
-        compiled = lowered.compile()
-        compile_s += time.perf_counter() - tic
         tic = time.perf_counter()
-      out = compiled(_stack([points[j] for j in take]),
-                     jnp.asarray([seeds[j] for j in take], jnp.int32), population,
-                     np.stack([indices[j] for j in take]), np.stack([masks[j] for j in take]))
+        compiled = program.lower(*args).compile()
+        compile_s += time.perf_counter() - tic
+      tic = time.perf_counter()
+      out = compiled(*args)
       out = jax.device_get(out)
       wall_s += time.perf_counter() - tic
       metrics += [{name: float(values[n]) for name, values in out.items()}
