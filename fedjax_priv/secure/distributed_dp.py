@@ -644,7 +644,7 @@ def _distributed_mean(config: DistributedDPConfig, noise: Callable[[jax.Array, t
     # it lets finalize tell whether the modular sum wrapped. The update is
     # decoded from the modular sum alone, as a real server would.
     prepared = (quantization.wrap(noisy, bits), noisy.astype(jnp.float32))
-    rounded_norm = jnp.sqrt(jnp.sum(jnp.square(rounded.astype(jnp.float32))))
+    rounded_norm = tree_util.l2_norm(rounded)
     stats = {"delta_norm": norm,
              "clipped_fraction": (norm > config.clip_norm).astype(jnp.float32),
              "rounded_norm_ratio": rounded_norm / jnp.float32(bound),
