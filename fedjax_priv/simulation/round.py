@@ -163,11 +163,39 @@ def pad_client_slots(batch: ClientBatch, multiple: int) -> ClientBatch:
   return jax.tree.map(lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)), batch)
 
 
+def sum_chunks(group, chunks, aggregator: Aggregator, carry=()):
+  """Sums a cohort chunk by chunk: `group` on each chunk, a `lax.scan` over the chunks.
+
+  Args:
+    group: `(carry, chunk) -> (summed, totals, weights [c], carry)` for one
+      chunk, e.g. `sum_group` on its clients; `carry` threads state that the
+      chunks update in turn (the population's client states), or ().
+    chunks: pytree of [G, c, ...] arrays, G chunks of c client slots.
+    aggregator: its `combine` adds the chunks' sums.
+    carry: the initial carry.
+
+  Returns:
+    (sum, summed totals, weights [G c], final carry). The first chunk seeds
+    the scan's carry, which fixes the structure and dtypes of the sum.
+  """
+  summed, totals, weights, carry = group(carry, jax.tree.map(lambda a: a[0], chunks))
+
+  def body(acc, chunk):
+    chunk_sum, chunk_totals, chunk_weights, carry = group(acc[2], chunk)
+    return (aggregator.combine(acc[0], chunk_sum), jax.tree.map(jnp.add, acc[1], chunk_totals),
+            carry), chunk_weights
+
+  (summed, totals, carry), rest_weights = jax.lax.scan(
+      body, (summed, totals, carry), jax.tree.map(lambda a: a[1:], chunks))
+  return summed, totals, jnp.concatenate([weights, rest_weights.reshape(-1)]), carry
+
+
 def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
   """Finalizes the cohort's sum, applies the server optimizer and forms the round's metrics.
 
   The building blocks above (`per_client_fn`, `sum_group`, `pad_client_slots`,
-  this) are shared with `simulation.sharding`, which runs them per device.
+  `sum_chunks`, this) are shared with `simulation.sharding`, which runs them
+  per device.
   """
   update, aggregator_state, agg_stats = aggregator.finalize(
       state.aggregator_state, summed, totals.pop("weight"), ctx)
@@ -304,19 +332,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
           cohort_mask, aggregator)
       return summed, totals, weights, _scatter_states(client_states, ids, weights, new_states)
 
-    def body(carry, chunk):
-      summed, totals, weights, client_states = group(carry[2], chunk)
-      carry = (aggregator.combine(carry[0], summed), jax.tree.map(jnp.add, carry[1], totals),
-               client_states)
-      return carry, weights
-
-    first = jax.tree.map(lambda a: a[0], chunks)
-    rest = jax.tree.map(lambda a: a[1:], chunks)
-    # The first chunk seeds the carry, which fixes its structure and dtypes.
-    first_summed, first_totals, first_weights, client_states = group(client_states, first)
-    (summed, totals, client_states), rest_weights = jax.lax.scan(
-        body, (first_summed, first_totals, client_states), rest)
-    weights = jnp.concatenate([first_weights, rest_weights.reshape(-1)])
+    summed, totals, weights, client_states = sum_chunks(group, chunks, aggregator, client_states)
     ctx = RoundContext(server_key, round_key, cohort_mask, (weights > 0).astype(jnp.float32))
     return finish(state, client_states, summed, totals, ctx)
 

@@ -67,7 +67,7 @@ from fedjax_priv.data.device import ClientBatch
 from fedjax_priv.privacy.aggregation import Aggregator, RoundContext
 from fedjax_priv.simulation.program import Batching, rounds_on_device
 from fedjax_priv.simulation.round import (RoundFn, check_batch, finish_round, pad_client_slots,
-                                          per_client_fn, stateless_update, sum_group)
+                                          per_client_fn, stateless_update, sum_chunks, sum_group)
 
 CLIENT_AXIS = "clients"
 SHARDED_BACKENDS = ("vmap", "chunked")
@@ -106,24 +106,14 @@ def _sum_local_clients(per_client, state, batch, slots, keys, round_key, cohort_
   """
   chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), (batch, slots, keys))
 
-  def group(chunk_inputs):
+  def group(carry, chunk_inputs):
     # Stateless clients: an empty client-state pytree, so nothing is gathered.
     summed, totals, weights, _ = sum_group(per_client, state, (), *chunk_inputs, round_key,
                                             cohort_mask, aggregator)
-    return summed, totals, weights
+    return summed, totals, weights, carry
 
-  first_summed, first_totals, first_weights = group(jax.tree.map(lambda a: a[0], chunks))
-  if chunks[1].shape[0] == 1:
-    return first_summed, first_totals, first_weights
-
-  def body(carry, chunk_inputs):
-    summed, totals, weights = group(chunk_inputs)
-    return (aggregator.combine(carry[0], summed), jax.tree.map(jnp.add, carry[1], totals)), weights
-
-  # The first chunk seeds the carry, which fixes its structure and dtypes.
-  (summed, totals), rest_weights = jax.lax.scan(
-      body, (first_summed, first_totals), jax.tree.map(lambda a: a[1:], chunks))
-  return summed, totals, jnp.concatenate([first_weights, rest_weights.reshape(-1)])
+  summed, totals, weights, _ = sum_chunks(group, chunks, aggregator)
+  return summed, totals, weights
 
 
 def _all_devices_sum(partial, aggregator: Aggregator, axis_name: str, num_devices: int):
