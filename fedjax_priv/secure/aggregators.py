@@ -1,10 +1,20 @@
 """`secure_sum`: an Aggregator that sums quantised, pairwise-masked client updates.
 
   prepare (per client, vmapped):  clip -> ravel -> pad + rotate -> quantise
-      -> wrap mod 2^b -> add self and pair masks (secagg.mask_client)
-  group_sum / combine:            sum mod 2^b of the received masked vectors
-  finalize (once):                unmask with Shamir-recovered secrets
-      -> centred lift -> dequantise -> rotate back -> unravel -> / denominator
+      -> wrap mod 2^b -> add the self mask (secagg.self_mask_client)
+  group_sum / combine:            sum mod 2^b of the survivors' vectors
+  finalize (once):                add the survivors' pair masks, each pair's
+      stream expanded once (secagg.add_pair_masks) -> unmask with
+      Shamir-recovered secrets -> centred lift -> dequantise -> rotate back
+      -> unravel -> / denominator
+
+The pair masks are added at the server side of the simulation because a
+client's masked message is its self-masked input plus one stream per
+neighbour: summed over the survivors that is the self-masked sum plus every
+edge's stream once with coefficient +1, -1 or 0 (`add_pair_masks`), the same
+integers as summing `secagg.mask_client` messages (tested) at half the mask
+expansion, since a per-client prepare would expand each pair's stream at
+both of its endpoints.
 
 The decoded sum equals the sum of the survivors' quantised vectors exactly
 (integer-exact modulo 2^b); with no wrap-around the update is
@@ -93,7 +103,7 @@ def check_threshold(cohort_mask, included, threshold: int, neighbours: int | Non
 def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | None = None,
                rotate: bool = True, neighbours: int | None = None,
                threshold: int | None = None, dropout_rate: float = 0.0, prg: str = "hash",
-               raise_on_failure: bool = True, unmask_chunk: int = 16) -> Aggregator:
+               raise_on_failure: bool = True, mask_chunk: int = 16) -> Aggregator:
   """Secure summation of quantised client updates, divided by a public denominator.
 
   Args:
@@ -113,7 +123,8 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     prg: mask PRG, "hash" or "threefry" (secagg.prg).
     raise_on_failure: raise SecureSumFailed at run time when unmasking is
       impossible (else only report `secagg_failed`).
-    unmask_chunk: clients per vmapped chunk when the server regenerates masks.
+    mask_chunk: pairs (or clients) per vmapped chunk when pair masks are
+      expanded in finalize and when the server regenerates masks.
 
   Returns:
     An Aggregator. prepare's stats: delta_norm, secagg_dropped (the fraction
@@ -169,11 +180,10 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     norm = tree_util.l2_norm(delta)
     if clip_norm is not None:
       delta, _ = clip_by_l2_norm(delta, clip_norm)
-    # Graph and secrets depend only on unbatched inputs: vmap computes them once.
-    graph, _ = graph_and_threshold(ctx)
+    # Secrets depend only on unbatched inputs: vmap computes them once.
     secrets = secagg.client_secrets(ctx.round_key, num_slots)
-    masked = secagg.mask_client(encode(delta, ctx.key, ctx.round_key), ctx.slot, graph,
-                                secrets, ctx.round_key, bits, prg)
+    masked = secagg.self_mask_client(encode(delta, ctx.key, ctx.round_key), ctx.slot, secrets,
+                                     ctx.round_key, bits, prg)
     dropped = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(
         ctx.round_key, _DROPOUT), ctx.slot)) < dropout_rate
     weight = jnp.where(dropped, 0.0, 1.0).astype(jnp.float32)
@@ -184,8 +194,11 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     num_slots = ctx.cohort_mask.shape[0]
     graph, t = graph_and_threshold(ctx)
     secrets = secagg.client_secrets(ctx.round_key, num_slots)
-    plain, ok, stats = secagg.unmask(total, graph, secrets, ctx.round_key, ctx.cohort_mask,
-                                     ctx.included, bits, t, neighbours is None, prg, unmask_chunk)
+    alive = (ctx.cohort_mask > 0) & (ctx.included > 0)
+    received = secagg.add_pair_masks(total, alive, graph, secrets, ctx.round_key, bits, prg,
+                                     mask_chunk)
+    plain, ok, stats = secagg.unmask(received, graph, secrets, ctx.round_key, ctx.cohort_mask,
+                                     ctx.included, bits, t, neighbours is None, prg, mask_chunk)
     if raise_on_failure:
       jax.debug.callback(functools.partial(_raise_if_failed, threshold=t), ~ok,
                          stats["secagg_survivors"], stats["secagg_dropouts"])

@@ -35,6 +35,9 @@ What is simulated, and how (docs/secure_aggregation.md has the full list):
     uniform.
   * only the shares the server uses are computed (shares at other holders
     are evaluations of the same polynomials and change nothing).
+  * each pair's mask stream is expanded once (`add_pair_masks`, edge by edge),
+    where the two clients of a pair each expand it; the survivors' sum is the
+    same integers as the sum of the per-client messages (`mask_client`).
 
 A round fails when some client whose secret must be recovered has fewer
 than t surviving share holders: `unmask` returns ok = False, and
@@ -267,22 +270,34 @@ def pair_mask_sum(slot: jax.Array, secret_key: jax.Array, graph: Graph, public_k
   return acc
 
 
+def self_mask_client(x: jax.Array, slot: jax.Array, secrets: Secrets, round_key: jax.Array,
+                     bits: int, kind: str = "hash") -> jax.Array:
+  """x + PRG(b_slot) mod 2^bits: client `slot`'s input under its self mask only; vmappable."""
+  self_mask = prg(self_mask_seed(round_key, slot, secrets.self_seed[slot]), x.shape[-1], bits,
+                  kind)
+  return (x + self_mask) & modulus_mask(bits)
+
+
 def mask_client(x: jax.Array, slot: jax.Array, graph: Graph, secrets: Secrets,
                 round_key: jax.Array, bits: int, kind: str = "hash") -> jax.Array:
-  """Client `slot`'s masked input y = x + PRG(b) + sum_j sign PRG(s_j) mod 2^bits; vmappable."""
-  dim = x.shape[-1]
-  self_mask = prg(self_mask_seed(round_key, slot, secrets.self_seed[slot]), dim, bits, kind)
+  """Client `slot`'s masked input y = x + PRG(b) + sum_j sign PRG(s_j) mod 2^bits; vmappable.
+
+  This is one client's message as the protocol defines it; it expands one
+  stream per neighbour, so a cohort built from it expands every pair's mask
+  twice. `add_pair_masks` produces the survivors' sum with each pair once.
+  """
   pairs = pair_mask_sum(slot, secrets.secret_key[slot], graph, secrets.public_key, round_key,
-                        dim, bits, kind)
-  return (x + self_mask + pairs) & modulus_mask(bits)
+                        x.shape[-1], bits, kind)
+  return (self_mask_client(x, slot, secrets, round_key, bits, kind) + pairs) & modulus_mask(bits)
 
 
 def sum_rows(active: jax.Array, row_fn: Callable[[jax.Array], jax.Array], dim: int, bits: int,
              chunk: int = 16) -> jax.Array:
-  """sum_{i : active[i]} row_fn(i) mod 2^bits, in vmapped chunks of the active slots only.
+  """sum_{i : active[i]} row_fn(i) mod 2^bits, in vmapped chunks of the active rows only.
 
   A while loop over ceil(#active / chunk) chunks, so the work follows the
-  number of active slots (e.g. the few dropped clients), not K.
+  number of active rows (e.g. the few dropped clients, or the real edges of
+  a padded graph), not the length of `active`.
   """
   num_slots = active.shape[0]
   chunk = min(chunk, num_slots)
@@ -299,6 +314,50 @@ def sum_rows(active: jax.Array, row_fn: Callable[[jax.Array], jax.Array], dim: i
   _, acc = jax.lax.while_loop(lambda carry: carry[0] < count, body,
                               (jnp.int32(0), jnp.zeros(dim, jnp.uint32)))
   return acc
+
+
+def add_pair_masks(self_masked_sum: jax.Array, alive: jax.Array, graph: Graph, secrets: Secrets,
+                   round_key: jax.Array, bits: int, kind: str = "hash", chunk: int = 16
+                   ) -> jax.Array:
+  """The survivors' sum of masked inputs, with each pair's mask stream expanded once.
+
+  For an edge {i, j}, i < j, client i adds +PRG(s_ij) and client j adds
+  -PRG(s_ij), so the sum over the survivors S of the `mask_client` messages is
+
+      sum_{i in S} (x_i + PRG(b_i)) + sum_{edges i<j} (1[i in S] - 1[j in S]) PRG(s_ij)
+
+  (mod 2^bits). This function computes the second term edge by edge: every
+  pair of neighbours expands its stream once, vectorised in chunks of edges,
+  where the per-client form expands it at both endpoints. Edges between two
+  survivors (coefficient 0) are expanded too, as the protocol's clients do:
+  the simulation pays for every mask the clients generate, once per pair.
+
+  Args:
+    self_masked_sum: uint32[d], sum over S of x_i + PRG(b_i) (`self_mask_client`).
+    alive: bool[K], the survivors S.
+    graph, secrets, round_key: the cohort's masking graph, secrets and key.
+    bits, kind: modulus exponent and PRG.
+    chunk: edges per vmapped chunk.
+
+  Returns:
+    uint32[d], equal to the modular sum over S of `mask_client`'s messages.
+  """
+  num_slots, width = graph.neighbours.shape
+  first = jnp.repeat(jnp.arange(num_slots, dtype=jnp.int32), width)
+  second = graph.neighbours.reshape(-1)
+  # Each edge sits in both endpoints' rows; the row of its smaller endpoint owns it.
+  owned = graph.valid.reshape(-1) & (first < second)
+  coefficient = alive.astype(jnp.int32)
+
+  def edge_stream(e):
+    i, j = first[e], second[e]
+    seed = pair_mask_seed(round_key, i, j, agree(secrets.secret_key[i], secrets.public_key[j]))
+    # A uint32 product wraps mod 2^32, so the cast of -1 negates the stream.
+    sign = (coefficient[i] - coefficient[j]).astype(jnp.uint32)
+    return prg(seed, self_masked_sum.shape[-1], bits, kind) * sign
+
+  pairs = sum_rows(owned, edge_stream, self_masked_sum.shape[-1], bits, chunk)
+  return (self_masked_sum + pairs) & modulus_mask(bits)
 
 
 def default_threshold(graph: Graph) -> int:

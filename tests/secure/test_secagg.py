@@ -40,10 +40,16 @@ def _protocol(num_slots, dim, bits, degree, kind, threshold):
     masked = jax.vmap(lambda xi, i: secagg.mask_client(xi, i, graph, secrets, round_key, bits,
                                                        kind))(x, jnp.arange(num_slots))
     total = quant.modular_sum(included, masked, bits)
+    # The aggregator's form: self masks per client, each pair's stream once.
+    self_masked = jax.vmap(lambda xi, i: secagg.self_mask_client(xi, i, secrets, round_key, bits,
+                                                                 kind))(x, jnp.arange(num_slots))
+    alive = (cohort_mask > 0) & (included > 0)
+    edgewise = secagg.add_pair_masks(quant.modular_sum(included, self_masked, bits), alive, graph,
+                                     secrets, round_key, bits, kind, chunk=5)
     t = secagg.default_threshold(graph) if threshold is None else threshold
     plain, ok, stats = secagg.unmask(total, graph, secrets, round_key, cohort_mask, included,
                                      bits, t, degree is None, kind)
-    return plain, ok, quant.modular_sum(included, x, bits), masked, stats
+    return plain, ok, quant.modular_sum(included, x, bits), masked, stats, (total, edgewise)
 
   return jit(run)
 
@@ -60,10 +66,12 @@ def cohort(num_slots, num_real, num_dropped, dim, bits, seed):
 def check_sum(num_slots, num_real, num_dropped, dim, bits, degree, kind="hash", seed=0,
               threshold=None):
   x, cohort_mask, included = cohort(num_slots, num_real, num_dropped, dim, bits, seed)
-  plain, ok, expected, masked, stats = protocol(num_slots, dim, bits, degree, kind, threshold)(
-      x, cohort_mask, included, jax.random.key(seed))
+  plain, ok, expected, masked, stats, (total, edgewise) = protocol(
+      num_slots, dim, bits, degree, kind, threshold)(x, cohort_mask, included,
+                                                     jax.random.key(seed))
   assert bool(ok)
   np.testing.assert_array_equal(plain, expected)
+  np.testing.assert_array_equal(edgewise, total)
   assert float(stats["secagg_survivors"]) == num_real - num_dropped
   assert float(stats["secagg_dropouts"]) == num_dropped
   if num_real - num_dropped >= 2:  # The masks hide the inputs.
