@@ -614,42 +614,103 @@ def _unravel_like(shapes: Any) -> Callable:
   return unravel
 
 
-def _distributed_mean(config: DistributedDPConfig, noise: Callable[[jax.Array, tuple], jax.Array],
-                      noise_std_per_share: float) -> Aggregator:
-  """The DDG / Skellam pipeline with the given per-client integer noise sampler."""
-  bits, gamma, d, d_pad, n = (config.bits, config.gamma, config.dim, config.padded_dim,
-                              config.num_clients)
+NOISE_KINDS = ("discrete_gaussian", "skellam")
+
+
+def integer_noise(config: DistributedDPConfig, kind: str) -> Callable[[jax.Array, tuple], jax.Array]:
+  """The per-client integer noise sampler `(key, shape) -> int32` of `kind` for `config`.
+
+  "discrete_gaussian": N_Z(0, s^2), s = `config.local_stddev` (Kairouz et
+  al. 2021); "skellam": Sk(s^2 / 2, s^2 / 2), variance s^2 (Agarwal et al.
+  2021). With noise_multiplier 0 it returns zeros.
+
+  Raises:
+    ValueError: unknown kind, or a discrete Gaussian scale below 1/2 integer
+      step, below which the DDG bound is unproven.
+  """
+  if kind not in NOISE_KINDS:
+    raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
+  if config.noise_multiplier == 0:
+    return _no_noise
+  sigma = config.local_stddev
+  if kind == "skellam":
+    return lambda key, shape: skellam(key, sigma * sigma, shape)
+  if sigma < 0.5:
+    raise ValueError(f"the per-client discrete Gaussian scale must be >= 1/2 integer steps, got "
+                     f"{sigma:.4g}; raise noise_multiplier or bits")
+  return lambda key, shape: discrete_gaussian(key, sigma, shape)
+
+
+def _no_noise(key, shape):
+  del key
+  return jnp.zeros(shape, jnp.int32)
+
+
+def encode_client(config: DistributedDPConfig, noise: Callable[[jax.Array, tuple], jax.Array],
+                  delta: Any, key: jax.Array, round_key: jax.Array
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """One client's noisy integer vector: clip, rotate, scale, round conditionally, add noise.
+
+  Args:
+    config: the round's hyper-parameters.
+    noise: the integer sampler, from `integer_noise`.
+    delta: the client's update pytree (config.dim parameters).
+    key: PRNG key private to the client (rounding and noise).
+    round_key: the cohort's shared key (the rotation).
+
+  Returns:
+    (int32[d'] rounded vector plus noise share, in integer units; stats:
+    delta_norm, clipped_fraction, rounded_norm_ratio (||rounded|| /
+    Delta_2, <= 1), rounding_tries, rounding_failed).
+  """
+  flat, _ = quantization.ravel(delta)
+  # Clipping to a hair below C keeps ||rotated / gamma|| <= C / gamma despite
+  # float32 error in the clip, rotation and scaling (the rounding test needs it).
+  clipped, norm = clip_by_l2_norm(flat, config.clip_norm * (1 - 1e-5))
+  rotated = quantization.hadamard_rotate(quantization.pad(clipped, config.padded_dim),
+                                         jax.random.fold_in(round_key, _ROTATION_TAG))
   bound = config.l2_sensitivity
+  rounded, tries, failed = conditional_stochastic_round(
+      rotated / config.gamma, jax.random.fold_in(key, _ROUNDING_TAG),
+      config.clip_norm / config.gamma, bound, config.max_rounding_tries)
+  noisy = rounded + noise(jax.random.fold_in(key, _NOISE_TAG), (config.padded_dim,))
+  stats = {"delta_norm": norm,
+           "clipped_fraction": (norm > config.clip_norm).astype(jnp.float32),
+           "rounded_norm_ratio": tree_util.l2_norm(rounded) / jnp.float32(bound),
+           "rounding_tries": tries.astype(jnp.float32),
+           "rounding_failed": failed.astype(jnp.float32)}
+  return noisy, stats
+
+
+def decode_sum(config: DistributedDPConfig, integer_sum: jax.Array,
+               round_key: jax.Array) -> jax.Array:
+  """float32[d] model-unit sum from the int32[d'] centred sum of `encode_client` vectors."""
+  decoded = integer_sum.astype(jnp.float32) * config.gamma
+  return quantization.hadamard_unrotate(
+      decoded, jax.random.fold_in(round_key, _ROTATION_TAG))[:config.dim]
+
+
+def _distributed_mean(config: DistributedDPConfig, kind: str) -> Aggregator:
+  """The DDG / Skellam pipeline with the per-client integer noise of `kind`."""
+  noise = integer_noise(config, kind)
+  noise_std_per_share = config.local_stddev if config.noise_multiplier > 0 else 0.0
+  bits, n = config.bits, config.num_clients
   half_range = 2.0 ** (bits - 1)
 
   def init(params):
     size = tree_util.num_parameters(params)
-    if size != d:
-      raise ValueError(f"DistributedDPConfig.dim={d} but the params have {size} parameters")
+    if size != config.dim:
+      raise ValueError(f"DistributedDPConfig.dim={config.dim} but the params have {size} "
+                       "parameters")
     return DistributedDPState(_shape_template(params))
 
   def prepare(state, delta, num_examples, ctx):
     del state, num_examples  # Example-count weights would break the sensitivity bound.
-    flat, _ = quantization.ravel(delta)
-    # Clipping to a hair below C keeps ||rotated / gamma|| <= C / gamma despite
-    # float32 error in the clip, rotation and scaling (the rounding test needs it).
-    clipped, norm = clip_by_l2_norm(flat, config.clip_norm * (1 - 1e-5))
-    rotated = quantization.hadamard_rotate(quantization.pad(clipped, d_pad),
-                                           jax.random.fold_in(ctx.round_key, _ROTATION_TAG))
-    rounded, tries, failed = conditional_stochastic_round(
-        rotated / gamma, jax.random.fold_in(ctx.key, _ROUNDING_TAG), config.clip_norm / gamma,
-        bound, config.max_rounding_tries)
-    noisy = rounded + noise(jax.random.fold_in(ctx.key, _NOISE_TAG), (d_pad,))
+    noisy, stats = encode_client(config, noise, delta, ctx.key, ctx.round_key)
     # The float copy of the exact integer sum is a simulation-only diagnostic:
     # it lets finalize tell whether the modular sum wrapped. The update is
     # decoded from the modular sum alone, as a real server would.
     prepared = (quantization.wrap(noisy, bits), noisy.astype(jnp.float32))
-    rounded_norm = tree_util.l2_norm(rounded)
-    stats = {"delta_norm": norm,
-             "clipped_fraction": (norm > config.clip_norm).astype(jnp.float32),
-             "rounded_norm_ratio": rounded_norm / jnp.float32(bound),
-             "rounding_tries": tries.astype(jnp.float32),
-             "rounding_failed": failed.astype(jnp.float32)}
     return prepared, jnp.float32(1.0), stats
 
   def group_sum(weights, prepared):
@@ -663,14 +724,12 @@ def _distributed_mean(config: DistributedDPConfig, noise: Callable[[jax.Array, t
   def finalize(state, total, total_weight, ctx):
     del total_weight  # Divide by the public n, never by the realised count.
     wrapped, exact = total
-    decoded = quantization.unwrap(wrapped, bits).astype(jnp.float32) * gamma
-    flat = quantization.hadamard_unrotate(decoded, jax.random.fold_in(ctx.round_key,
-                                                                      _ROTATION_TAG))[:d]
+    flat = decode_sum(config, quantization.unwrap(wrapped, bits), ctx.round_key)
     update = tree_util.scale(_unravel_like(state.shapes)(flat), 1.0 / n)
     shares = jnp.sum(ctx.included)
     overflow = (exact >= half_range) | (exact < -half_range)
     stats = {"noise_shares": shares,
-             "noise_stddev": jnp.sqrt(shares) * noise_std_per_share * gamma / n,
+             "noise_stddev": jnp.sqrt(shares) * noise_std_per_share * config.gamma / n,
              "modular_overflow": jnp.any(overflow).astype(jnp.float32),
              "overflow_fraction": jnp.mean(overflow.astype(jnp.float32)),
              "range_used": quantization.range_used(exact, bits)}
@@ -679,43 +738,32 @@ def _distributed_mean(config: DistributedDPConfig, noise: Callable[[jax.Array, t
   return Aggregator(init, prepare, finalize, group_sum, combine)
 
 
-def _no_noise(key, shape):
-  del key
-  return jnp.zeros(shape, jnp.int32)
-
-
 def distributed_discrete_gaussian_mean(config: DistributedDPConfig) -> Aggregator:
   """User-level distributed discrete Gaussian mean (Kairouz, Liu & Steinke 2021).
 
   Each client clips its delta to C, rotates it with the cohort's shared
   Hadamard rotation, scales by 1 / gamma, rounds conditionally (L2 norm <=
   Delta_2), adds N_Z(0, s^2) per coordinate with s = z C / (gamma sqrt(n)), and
-  wraps mod 2^b; the server sums mod 2^b, lifts to [-2^(b-1), 2^(b-1)),
-  rescales, rotates back and divides by n. The n shares sum to noise of
-  variance ~ z^2 C^2 per coordinate (model units); `ddg_epsilon` accounts for
-  it. Relation: zero-out one user (module docstring).
+  wraps mod 2^b (`encode_client`); the server sums mod 2^b, lifts to
+  [-2^(b-1), 2^(b-1)), rescales, rotates back (`decode_sum`) and divides by n.
+  The n shares sum to noise of variance ~ z^2 C^2 per coordinate (model
+  units); `ddg_epsilon` accounts for it. Relation: zero-out one user (module
+  docstring).
 
   Args:
     config: the hyper-parameters; `config.dim` must equal the model's size.
 
   Returns:
-    An Aggregator for `build_round`. Per client (averaged): delta_norm,
-    clipped_fraction, rounded_norm_ratio (||rounded|| / Delta_2, <= 1),
-    rounding_tries, rounding_failed. Per round: noise_shares (clients whose
-    noise entered the sum), noise_stddev (model units, of the update),
-    modular_overflow (1.0 if any coordinate wrapped), overflow_fraction,
-    range_used (max |exact sum| / 2^(b-1)).
+    An Aggregator for `build_round`. Per client (averaged): the stats of
+    `encode_client`. Per round: noise_shares (clients whose noise entered the
+    sum), noise_stddev (model units, of the update), modular_overflow (1.0 if
+    any coordinate wrapped), overflow_fraction, range_used (max |exact sum| /
+    2^(b-1)).
 
   Raises:
     ValueError: s < 1/2 integer steps, below which the DDG bound is unproven.
   """
-  if config.noise_multiplier == 0:
-    return _distributed_mean(config, _no_noise, 0.0)
-  sigma = config.local_stddev
-  if sigma < 0.5:
-    raise ValueError(f"the per-client discrete Gaussian scale must be >= 1/2 integer steps, got "
-                     f"{sigma:.4g}; raise noise_multiplier or bits")
-  return _distributed_mean(config, lambda key, shape: discrete_gaussian(key, sigma, shape), sigma)
+  return _distributed_mean(config, "discrete_gaussian")
 
 
 def skellam_mean(config: DistributedDPConfig) -> Aggregator:
@@ -732,7 +780,4 @@ def skellam_mean(config: DistributedDPConfig) -> Aggregator:
   Returns:
     An Aggregator reporting the stats of `distributed_discrete_gaussian_mean`.
   """
-  if config.noise_multiplier == 0:
-    return _distributed_mean(config, _no_noise, 0.0)
-  sigma = config.local_stddev
-  return _distributed_mean(config, lambda key, shape: skellam(key, sigma * sigma, shape), sigma)
+  return _distributed_mean(config, "skellam")

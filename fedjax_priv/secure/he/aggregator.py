@@ -50,6 +50,7 @@ from fedjax_priv import tree as tree_util
 from fedjax_priv.privacy.aggregation import Aggregator
 from fedjax_priv.privacy.clipping import clip_by_l2_norm
 from fedjax_priv.privacy.noise import gaussian_like
+from fedjax_priv.secure import distributed_dp as ddp
 from fedjax_priv.secure import quantization
 from fedjax_priv.secure.he import params as he_params
 from fedjax_priv.secure.he import rlwe
@@ -65,6 +66,75 @@ class HeState(NamedTuple):
   """
   public_key: rlwe.PublicKey
   secret_shares: jax.Array
+
+
+def _encrypted_mean(template: Any, params: he_params.RlweParams, message_dim: int, encode,
+                    decode, *, max_clients: int, key: jax.Array, num_key_holders: int,
+                    statistical_bits: int) -> Aggregator:
+  """The encrypted pipeline around an integer encoding of the client deltas.
+
+  Args:
+    template: pytree with the shapes of a client delta.
+    params: the BFV parameter set.
+    message_dim: m, the length of one client's integer message.
+    encode: `(delta, key, round_key) -> (int32[m], stats)`, per client.
+    decode: `(int32[m] centred sum, RoundContext) -> (update pytree, stats)`.
+    max_clients, key, num_key_holders, statistical_bits: as in `he_mean`.
+
+  Returns:
+    An Aggregator whose finalize also reports ciphertext_bytes (per client)
+    and expansion (ciphertext bytes / float32 update bytes).
+  """
+  he_params.check_noise_budget(params, max_clients, num_key_holders, statistical_bits)
+  shapes = jax.tree.map(lambda leaf: jnp.shape(leaf), template)
+  dim = tree_util.num_parameters(template)
+  ring = RnsRing(params)
+  num_ciphertexts = -(-message_dim // params.n)
+  smudging = he_params.smudging_bound(params, max_clients, num_key_holders, statistical_bits)
+  ct_bytes = he_params.ciphertext_bytes(params, message_dim)
+
+  def init(model_params):
+    got = jax.tree.map(lambda leaf: jnp.shape(leaf), model_params)
+    if got != shapes:
+      raise ValueError(f"params shapes {got} differ from the template's the aggregator was "
+                       "built for")
+    public_key, shares = rlwe.keygen(ring, key, num_key_holders)
+    return HeState(public_key, shares)
+
+  def prepare(state, delta, num_examples, ctx):
+    del num_examples  # Weighting by example count would break the sensitivity bound.
+    encode_key, encrypt_key = jax.random.split(ctx.key)
+    message, stats = encode(delta, encode_key, ctx.round_key)
+    message = jnp.pad(message, (0, num_ciphertexts * params.n - message_dim))
+    ct = rlwe.encrypt(ring, state.public_key, message.reshape(num_ciphertexts, params.n),
+                      encrypt_key)
+    return ct, jnp.float32(1.0), stats
+
+  def group_sum(weights, stacked):
+    return rlwe.masked_sum(ring, weights, stacked)
+
+  def combine(a, b):
+    return rlwe.add(ring, a, b)
+
+  def finalize(state, total, total_weight, ctx):
+    del total_weight  # Dividing by the realised count would leak participation.
+    num_slots = ctx.cohort_mask.shape[0]
+    if num_slots > max_clients:
+      raise ValueError(f"the round has {num_slots} client slots but the aggregator's noise "
+                       f"budget was checked for max_clients = {max_clients}")
+    decrypt_key, decode_key = jax.random.split(ctx.key)
+    summed = rlwe.decrypt(ring, total, state.secret_shares, decrypt_key, smudging)
+    update, stats = decode(summed.reshape(-1)[:message_dim], ctx._replace(key=decode_key))
+    stats.update(ciphertext_bytes=jnp.float32(ct_bytes),
+                 expansion=jnp.float32(ct_bytes / (4 * dim)))
+    return update, state, stats
+
+  return Aggregator(init, prepare, finalize, group_sum, combine)
+
+
+def _unravel(template: Any):
+  return quantization.ravel(jax.tree.map(
+      lambda leaf: jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)), template))[1]
 
 
 def he_mean(template: Any, params: he_params.RlweParams, *, clip_norm: float, scale: float,
@@ -100,7 +170,6 @@ def he_mean(template: Any, params: he_params.RlweParams, *, clip_norm: float, sc
       raise ValueError(f"{name} must be > 0, got {value}")
   if not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-  he_params.check_noise_budget(params, max_clients, num_key_holders, statistical_bits)
   dim = tree_util.num_parameters(template)
   if dim == 0:
     raise ValueError("template has no parameters")
@@ -112,57 +181,82 @@ def he_mean(template: Any, params: he_params.RlweParams, *, clip_norm: float, sc
         f"plaintext overflow: max_clients = {max_clients} clients of up to ceil(clip_norm * "
         f"scale) = {max_step} steps per coordinate can sum beyond t / 2 with t = {params.t}: "
         "lower scale or max_clients, or raise t")
-  shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)),
-                        template)
-  _, unravel = quantization.ravel(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-  ring = RnsRing(params)
-  num_ciphertexts = -(-dim // params.n)
-  smudging = he_params.smudging_bound(params, max_clients, num_key_holders, statistical_bits)
-  sensitivity = clip_norm + math.sqrt(dim) / scale
-  noise_stddev = noise_multiplier * sensitivity
-  ct_bytes = he_params.ciphertext_bytes(params, dim)
+  unravel = _unravel(template)
+  noise_stddev = noise_multiplier * (clip_norm + math.sqrt(dim) / scale)
 
-  def init(model_params):
-    got = jax.tree.map(lambda leaf: jnp.shape(leaf), model_params)
-    if got != jax.tree.map(lambda s: s.shape, shapes):
-      raise ValueError(f"params shapes {got} differ from the template's the aggregator was "
-                       "built for")
-    public_key, shares = rlwe.keygen(ring, key, num_key_holders)
-    return HeState(public_key, shares)
-
-  def prepare(state, delta, num_examples, ctx):
-    del num_examples  # Weighting by example count would break the sensitivity bound.
+  def encode(delta, key, round_key):
+    del round_key
     clipped, norm = clip_by_l2_norm(delta, clip_norm)
-    flat, _ = quantization.ravel(clipped)
-    quantize_key, encrypt_key = jax.random.split(ctx.key)
-    message = quantization.quantize(flat, scale, quantize_key)
-    message = jnp.pad(message, (0, num_ciphertexts * params.n - dim))
-    ct = rlwe.encrypt(ring, state.public_key, message.reshape(num_ciphertexts, params.n),
-                      encrypt_key)
-    stats = {"delta_norm": norm, "clipped_fraction": (norm > clip_norm).astype(jnp.float32)}
-    return ct, jnp.float32(1.0), stats
+    message = quantization.quantize(quantization.ravel(clipped)[0], scale, key)
+    return message, {"delta_norm": norm,
+                     "clipped_fraction": (norm > clip_norm).astype(jnp.float32)}
 
-  def group_sum(weights, stacked):
-    return rlwe.masked_sum(ring, weights, stacked)
-
-  def combine(a, b):
-    return rlwe.add(ring, a, b)
-
-  def finalize(state, total, total_weight, ctx):
-    del total_weight  # Dividing by the realised count would leak participation.
-    num_slots = ctx.cohort_mask.shape[0]
-    if num_slots > max_clients:
-      raise ValueError(f"the round has {num_slots} client slots but the aggregator's noise "
-                       f"budget was checked for max_clients = {max_clients}")
-    decrypt_key, noise_key = jax.random.split(ctx.key)
-    summed = rlwe.decrypt(ring, total, state.secret_shares, decrypt_key, smudging)
-    update = unravel(quantization.dequantize(summed.reshape(-1)[:dim], scale))
+  def decode(summed, ctx):
+    update = unravel(quantization.dequantize(summed, scale))
     if noise_multiplier > 0:
-      update = tree_util.add(update, gaussian_like(noise_key, update, noise_stddev))
+      update = tree_util.add(update, gaussian_like(ctx.key, update, noise_stddev))
     update = tree_util.scale(update, 1.0 / expected_cohort_size)
-    stats = {"noise_stddev": jnp.float32(noise_stddev / expected_cohort_size),
-             "ciphertext_bytes": jnp.float32(ct_bytes),
-             "expansion": jnp.float32(ct_bytes / (4 * dim))}
-    return update, state, stats
+    return update, {"noise_stddev": jnp.float32(noise_stddev / expected_cohort_size)}
 
-  return Aggregator(init, prepare, finalize, group_sum, combine)
+  return _encrypted_mean(template, params, dim, encode, decode, max_clients=max_clients, key=key,
+                         num_key_holders=num_key_holders, statistical_bits=statistical_bits)
+
+
+def he_distributed_mean(template: Any, params: he_params.RlweParams,
+                        config: ddp.DistributedDPConfig, noise: str = "skellam", *,
+                        max_clients: int, key: jax.Array, num_key_holders: int = 3,
+                        statistical_bits: int = 40) -> Aggregator:
+  """Encrypted mean with distributed DP: each client adds integer noise before encrypting.
+
+  The client side of `secure.distributed_dp` (clip to C, shared Hadamard
+  rotation, scale by 1 / gamma, conditional rounding, a discrete Gaussian or
+  Skellam noise share: `distributed_dp.encode_client`) produces the integer
+  message, which is encrypted instead of masked; the server adds
+  ciphertexts, the key holders decrypt the noisy integer sum (centred mod t),
+  and `distributed_dp.decode_sum` rotates it back; the mean divides by the
+  public n = config.num_clients. No party ever sees a noiseless sum, not
+  even the key holders, which central noise added after decryption cannot
+  offer. The released value is the one `distributed_discrete_gaussian_mean` /
+  `skellam_mean` release (same integers, decoded mod t instead of mod
+  2^bits), so `ddg_epsilon` / `skellam_epsilon` of `config` account for it.
+  Relation: zero-out one user, user level (`distributed_dp` docstring).
+
+  Args:
+    template: pytree with the shapes of a client delta (config.dim parameters).
+    params: the BFV parameter set; its plaintext modulus t must hold the ring
+      that config.bits sized gamma for: 2^bits <= t.
+    config: the distributed-DP hyper-parameters (clip, z, n, bits, ...).
+    noise: "discrete_gaussian" (DDG, Kairouz, Liu & Steinke 2021) or
+      "skellam" (Agarwal, Kairouz & Liu 2021).
+    max_clients, key, num_key_holders, statistical_bits: as in `he_mean`.
+
+  Returns:
+    An Aggregator; per client the stats of `distributed_dp.encode_client`,
+    per round noise_stddev (model units, of the update), range_used (max
+    |decrypted sum| / (t / 2): near 1 means the sum probably wrapped),
+    ciphertext_bytes and expansion.
+  """
+  dim = tree_util.num_parameters(template)
+  if dim != config.dim:
+    raise ValueError(f"DistributedDPConfig.dim={config.dim} but the template has {dim} "
+                     "parameters")
+  if 2**config.bits > params.t:
+    raise ValueError(f"config.bits={config.bits} sizes gamma for a ring of 2^{config.bits}, "
+                     f"larger than the plaintext modulus t={params.t}: lower bits to "
+                     f"<= {params.t.bit_length() - 1}")
+  sampler = ddp.integer_noise(config, noise)
+  unravel = _unravel(template)
+  n = config.num_clients
+  noise_stddev = config.noise_multiplier * config.clip_norm / n
+
+  def encode(delta, key, round_key):
+    return ddp.encode_client(config, sampler, delta, key, round_key)
+
+  def decode(summed, ctx):
+    update = tree_util.scale(unravel(ddp.decode_sum(config, summed, ctx.round_key)), 1.0 / n)
+    range_used = jnp.max(jnp.abs(summed)).astype(jnp.float32) / (params.t / 2)
+    return update, {"noise_stddev": jnp.float32(noise_stddev), "range_used": range_used}
+
+  return _encrypted_mean(template, params, config.padded_dim, encode, decode,
+                         max_clients=max_clients, key=key, num_key_holders=num_key_holders,
+                         statistical_bits=statistical_bits)
