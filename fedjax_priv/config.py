@@ -23,6 +23,9 @@ class ConfigError(ValueError):
 class DataConfig:
   dataset: str = "digits"           # digits (scikit-learn's, embedded) | store
   store: str = ""                   # dataset = store: a `fedjax-priv data prepare` SQLite store
+  # dataset = store: read each round's cohort from the store instead of loading
+  # the training clients into memory (needs simulation.data_on_device = false).
+  stream: bool = False
   num_clients: int = 10
   partition: str = "dirichlet"      # dirichlet (label skew, Hsu et al. 2019) | iid
   dirichlet_alpha: float = 0.5
@@ -215,6 +218,12 @@ def validate(config: Config) -> None:
     raise ConfigError("data.store names the SQLite store to train on and needs data.dataset = "
                       f"store (got dataset = {config.data.dataset!r}, "
                       f"store = {config.data.store!r})")
+  if config.data.stream and config.data.dataset != "store":
+    raise ConfigError("data.stream reads the training clients from data.store and needs "
+                      f"data.dataset = store, got {config.data.dataset!r}")
+  if config.data.stream and sim.data_on_device:
+    raise ConfigError("data.stream = true packs each cohort on the host and cannot keep the "
+                      "population on the device: set simulation.data_on_device = false")
   if privacy.unit == "none":
     for key in ("target_epsilon", "epsilon_budget"):
       if getattr(privacy, key) > 0:

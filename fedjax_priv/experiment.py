@@ -21,6 +21,7 @@ from fedjax_priv.algorithms.stragglers import with_stragglers
 from fedjax_priv import config as config_lib
 from fedjax_priv.config import Config
 from fedjax_priv.data import FederatedDataset, federated_digits
+from fedjax_priv.data.population import ClientSource
 from fedjax_priv.data.sampling import (FixedSizeSampler, PoissonSampler, poisson_capacity,
                                        poisson_overflow_probability)
 from fedjax_priv.models import Model, cnn, logistic_regression, mlp
@@ -67,7 +68,7 @@ class PrivacyPlan(NamedTuple):
 
 class Experiment(NamedTuple):
   config: Config
-  train: FederatedDataset
+  train: FederatedDataset | ClientSource  # a ClientSource (the open store) under data.stream
   x_test: np.ndarray
   y_test: np.ndarray
   model: Model
@@ -142,7 +143,7 @@ def _calibrated(round_event, sigma: float, target_epsilon: float, config: Config
       target_epsilon, config.privacy.delta, config.privacy.accountant))
 
 
-def _user_plan(config: Config, train: FederatedDataset, sampler) -> PrivacyPlan:
+def _user_plan(config: Config, train: FederatedDataset | ClientSource, sampler) -> PrivacyPlan:
   """DP-FedAvg's per-round event, with sigma calibrated to privacy.target_epsilon if set."""
   privacy, sim = config.privacy, config.simulation
   full = sim.sampling == "fixed" and sim.cohort_size == train.num_clients
@@ -166,8 +167,9 @@ def _user_plan(config: Config, train: FederatedDataset, sampler) -> PrivacyPlan:
                      overflow, relation)
 
 
-def _example_plan(config: Config, train: FederatedDataset, batching: Batching, clip_norm: float,
-                  noise_multiplier: float, target_epsilon: float) -> PrivacyPlan:
+def _example_plan(config: Config, train: FederatedDataset | ClientSource, batching: Batching,
+                  clip_norm: float, noise_multiplier: float, target_epsilon: float
+                  ) -> PrivacyPlan:
   """DP-SGD's per-round event in every client, sigma calibrated to `target_epsilon` if > 0.
 
   The accountant charges every round to the worst-off example (the smallest
@@ -187,7 +189,7 @@ def _example_plan(config: Config, train: FederatedDataset, batching: Batching, c
                      float(overflow), NEIGHBOURING["example"])
 
 
-def privacy_levels(config: Config, train: FederatedDataset, sampler,
+def privacy_levels(config: Config, train: FederatedDataset | ClientSource, sampler,
                    batching: Batching) -> tuple[PrivacyPlan, ...]:
   """One PrivacyPlan per accounted level (user first), sigma calibrated where a target is set."""
   privacy = config.privacy
@@ -290,10 +292,14 @@ def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) ->
   return Training(client_update, aggregator, server_optimizer, round_fn)
 
 
-def load_store(path: str) -> tuple[FederatedDataset, np.ndarray, np.ndarray]:
+def load_store(path: str, stream: bool = False
+               ) -> tuple[FederatedDataset | ClientSource, np.ndarray, np.ndarray]:
   """(train, x_test, y_test) from a `fedjax-priv data prepare` store and the test store beside it.
 
-  The test clients are pooled into one test set.
+  The test clients are pooled into one test set, held in memory. With
+  `stream`, `train` is the open store as a `ClientSource`
+  (`FederatedStore.source()`): only its client sizes are read now, and
+  `pack_cohort` reads each cohort with one query.
   """
   # Imported here: the store (sqlite3) is only needed for data.dataset = store.
   from fedjax_priv.data.prepare import heldout_store_path
@@ -303,8 +309,11 @@ def load_store(path: str) -> tuple[FederatedDataset, np.ndarray, np.ndarray]:
     if not p.exists():
       raise config_lib.ConfigError(f"{what}: {p} does not exist (write it with "
                                    "`fedjax-priv data prepare NAME --out PATH`)")
-  with FederatedStore(path) as store:
-    train = store.to_federated()
+  if stream:
+    train = FederatedStore(path).source()
+  else:
+    with FederatedStore(path) as store:
+      train = store.to_federated()
   with FederatedStore(test_path) as store:
     test = store.to_federated()
   return train, test.x, test.y
@@ -313,7 +322,7 @@ def load_store(path: str) -> tuple[FederatedDataset, np.ndarray, np.ndarray]:
 def build(config: Config) -> Experiment:
   """Builds the experiment; raises ValueError on inconsistent settings, before compiling."""
   if config.data.dataset == "store":
-    train, x_test, y_test = load_store(config.data.store)
+    train, x_test, y_test = load_store(config.data.store, config.data.stream)
     # The store fixes the population; checks that depend on it run again.
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, num_clients=train.num_clients))
@@ -323,7 +332,9 @@ def build(config: Config) -> Experiment:
     train, x_test, y_test = federated_digits(data.num_clients, data.partition,
                                              data.dirichlet_alpha, data.seed, data.test_fraction)
   sim, privacy = config.simulation, config.privacy
-  num_classes = int(max(train.y.max(), y_test.max())) + 1
+  # A streamed store is scanned once, label blobs only, for the same class count.
+  train_max_label = train.max_label() if config.data.stream else train.y.max()
+  num_classes = int(max(train_max_label, y_test.max())) + 1
   model = _model(config, train.feature_shape, num_classes)
   sampler = make_sampler(config, train.num_clients)
   example_level = privacy.unit in ("example", "both")

@@ -133,6 +133,9 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
   """
   if not grid:
     raise ConfigError("a sweep needs at least one --grid key")
+  if config.data.stream:
+    raise ConfigError("a sweep keeps the population on the device and cannot stream it: set "
+                      "data.stream = false")
   if max_parallel is not None and max_parallel < 1:
     raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
   traced = tuple(key for key in grid if key in TRACED)

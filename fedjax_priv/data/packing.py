@@ -6,6 +6,11 @@ rest is zero padding, described by ``num_examples`` and ``client_mask`` so the
 device side can make padding contribute exactly zero. ``M`` is rounded up to a
 bucket from a short geometric ladder, so a whole run compiles for few shapes.
 
+The population is either a ``FederatedDataset`` in memory (the cohort is one
+vectorised gather) or any ``ClientSource`` (a SQLite store, a generated
+population) that hands out the cohort's clients on request, so a round's host
+memory is the cohort's, whatever the population size.
+
 This module is host-side and depends on numpy only.
 """
 
@@ -18,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_priv.data.federated import FederatedDataset
+from fedjax_priv.data.population import ClientSource
 
 _SMALLEST_BUCKET = 8
 
@@ -74,8 +80,25 @@ def _float32_if_floating(dtype: np.dtype) -> np.dtype:
   return np.dtype(np.float32) if np.issubdtype(dtype, np.floating) else dtype
 
 
+def _cohort_rows(dataset: FederatedDataset | ClientSource, indices: np.ndarray,
+                 sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The examples of clients ``indices`` (sizes ``sizes``), concatenated in order."""
+  if isinstance(dataset, FederatedDataset):
+    first = np.cumsum(sizes) - sizes
+    rows = np.repeat(dataset.offsets[indices] - first, sizes) + np.arange(int(sizes.sum()))
+    return dataset.x[rows], dataset.y[rows]
+  clients = dataset.clients(indices)
+  for i, n, (x, y) in zip(indices, sizes, clients):
+    if len(x) != n or len(y) != n:
+      raise ValueError(f"client {i} of the source returned {len(x)} examples and {len(y)} "
+                       f"labels, but client_sizes says {n}")
+  empty_x = np.zeros((0, *dataset.feature_shape), dataset.x_dtype)
+  return (np.concatenate([x for x, _ in clients] + [empty_x]),
+          np.concatenate([y for _, y in clients] + [np.zeros(0, np.int32)]))
+
+
 def pack_cohort(
-    dataset: FederatedDataset,
+    dataset: FederatedDataset | ClientSource,
     client_indices: np.ndarray,
     client_mask: np.ndarray,
     max_examples: int | None = None,
@@ -83,7 +106,8 @@ def pack_cohort(
   """Copies the cohort's clients into zero-padded ``[K, M, ...]`` arrays.
 
   Args:
-    dataset: The population.
+    dataset: The population: in memory, or a ``ClientSource`` asked once for
+      the cohort's real clients.
     client_indices: Integer array ``[K]`` of client indices. Entries where
       ``client_mask`` is 0 are ignored (e.g. -1 for padded slots).
     client_mask: Array ``[K]`` of 0/1 (bool, int or float); 1 marks a real
@@ -134,26 +158,29 @@ def pack_cohort(
   too_big = np.flatnonzero(sizes > max_examples)
   if len(too_big):
     k = int(too_big[0])
+    i = int(safe_indices[k])
+    who = repr(dataset.client_ids[i]) if isinstance(dataset, FederatedDataset) else f"#{i}"
     raise ValueError(
-        f"client {dataset.client_ids[safe_indices[k]]!r} has {sizes[k]} examples, "
+        f"client {who} has {sizes[k]} examples, "
         f"more than max_examples={max_examples}; raise max_examples rather than "
         "truncating the client's data"
     )
 
   num_slots = len(indices)
+  x_dtype = dataset.x.dtype if isinstance(dataset, FederatedDataset) else dataset.x_dtype
   x = np.zeros(
       (num_slots, max_examples, *dataset.feature_shape),
-      dtype=_float32_if_floating(dataset.x.dtype),
+      dtype=_float32_if_floating(np.dtype(x_dtype)),
   )
   y = np.zeros((num_slots, max_examples), dtype=np.int32)
-  # One (slot, position, source row) triple per real example, so the copy is
-  # a single scatter instead of a Python loop over clients.
+  x_rows, y_rows = _cohort_rows(dataset, safe_indices[real], sizes[real])
+  # One (slot, position) pair per real example, so the copy is a single
+  # scatter instead of a Python loop over clients.
   slot = np.repeat(np.arange(num_slots), sizes)
   first_flat = np.cumsum(sizes) - sizes
   position = np.arange(len(slot)) - np.repeat(first_flat, sizes)
-  source = np.repeat(dataset.offsets[safe_indices], sizes) + position
-  x[slot, position] = dataset.x[source]
-  y[slot, position] = dataset.y[source]
+  x[slot, position] = x_rows
+  y[slot, position] = y_rows
   return CohortData(
       x=x,
       y=y,
@@ -162,7 +189,8 @@ def pack_cohort(
   )
 
 
-def pad_population(dataset: FederatedDataset, max_examples: int | None = None) -> CohortData:
+def pad_population(dataset: FederatedDataset | ClientSource,
+                   max_examples: int | None = None) -> CohortData:
   """Packs every client, in order, as one cohort with ``K = num_clients``.
 
   This is the layout kept on the device when the population fits there; the

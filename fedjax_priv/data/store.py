@@ -21,6 +21,12 @@ than an implicit rowid because SQLite may renumber implicit rowids on VACUUM,
 and positions must be stable for cohort sampling by index; ``client_id`` is
 UNIQUE, so it serves as the natural key with one index.
 
+Training can stream from a store instead of loading it: ``source()`` is the
+store as a ``fedjax_priv.data.population.ClientSource`` that holds only the
+client sizes and reads each cohort with one query (``clients``), so host
+memory stays the cohort's whatever the population size
+(``experiments/results/million_clients.md`` measures it up to 10^6 clients).
+
 Overhead: about 25 bytes per row plus twice the id's length (the row and the
 ``client_id`` index both hold it); ``tests/data/test_store.py`` measures it on
 100k one-example clients.
@@ -402,6 +408,62 @@ class FederatedStore:
         "SELECT client_id, num_examples, x, y FROM clients WHERE idx = ?", (int(i),)).fetchone()
     return (client_id, *self._decode(client_id, n, x, y))
 
+  def clients(self, positions: Iterable[int] | np.ndarray
+              ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Returns ``client(i)`` for every ``i`` of ``positions``, read with ONE query.
+
+    The positions travel as one JSON array parameter, so a cohort of any
+    size is a single indexed lookup per row, with no limit on the number of
+    SQL variables.
+
+    Args:
+      positions: Integer positions ``[k]`` in ``[0, num_clients)``; repeats
+        are allowed.
+
+    Returns:
+      ``k`` triples ``(client_id, x, y)``, in the order of ``positions``.
+
+    Raises:
+      IndexError: If a position is not in ``[0, num_clients)``.
+      ValueError: If ``positions`` is not a 1-D integer array.
+    """
+    positions = np.asarray(positions)
+    if positions.ndim != 1:
+      raise ValueError(f"positions must be 1-D [k], got shape {positions.shape}")
+    if not len(positions):
+      return []
+    if not np.issubdtype(positions.dtype, np.integer):
+      raise ValueError(f"positions must be integers, got dtype {positions.dtype}")
+    if positions.min() < 0 or positions.max() >= self._num_clients:
+      raise IndexError(f"client positions must be in [0, {self._num_clients}), got range "
+                       f"[{positions.min()}, {positions.max()}]")
+    query = ("SELECT idx, client_id, num_examples, x, y FROM clients "
+             "WHERE idx IN (SELECT value FROM json_each(?))")
+    wanted = json.dumps(np.unique(positions).tolist())
+    rows = {row[0]: row[1:] for row in self._db.execute(query, (wanted,))}
+    return [(rows[i][0], *self._decode(*rows[i])) for i in positions.tolist()]
+
+  def max_label(self) -> int:
+    """The largest label of any client, or -1 if the store holds no example.
+
+    Reads only the label blobs, one row at a time (bounded memory, one pass).
+    """
+    largest = -1
+    for client_id, n, y_blob in self._db.execute("SELECT client_id, num_examples, y FROM clients"):
+      if n:
+        if self.info.compression == "zlib":
+          y_blob = zlib.decompress(y_blob)
+        y = np.frombuffer(y_blob, dtype=self.info.y_dtype)
+        if len(y) != n:
+          raise ValueError(f"{self._path}: client {client_id!r} has a y blob that does not hold "
+                           f"{n} labels")
+        largest = max(largest, int(y.max()))
+    return largest
+
+  def source(self) -> StoreSource:
+    """This store as a ``ClientSource`` that ``pack_cohort`` streams cohorts from."""
+    return StoreSource(self)
+
   def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yields ``(client_id, x, y)`` in position order, one row in memory at a time."""
     cursor = self._db.execute("SELECT client_id, num_examples, x, y FROM clients ORDER BY idx")
@@ -429,6 +491,53 @@ class FederatedStore:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class StoreSource:
+  """A store as a ``fedjax_priv.data.population.ClientSource``: cohorts are read, not loaded.
+
+  Holds the store's client sizes (int64, 8 bytes per client: 8 MB at 10^6
+  clients) and nothing else of the population; each cohort is one query
+  (``FederatedStore.clients``). The store must stay open while the source
+  is used.
+
+  Args:
+    store: An open store.
+  """
+
+  def __init__(self, store: FederatedStore):
+    self.store = store
+    self._sizes = store.client_sizes()
+    self._sizes.flags.writeable = False
+
+  @property
+  def num_clients(self) -> int:
+    return self.store.num_clients
+
+  @property
+  def client_sizes(self) -> np.ndarray:
+    """Examples per client, read-only int64 ``[N]``."""
+    return self._sizes
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    return self.store.info.x_shape
+
+  @property
+  def x_dtype(self) -> np.dtype:
+    return self.store.info.x_dtype.newbyteorder("=")
+
+  def client(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of the client at position ``i`` (read-only arrays)."""
+    return self.store.client(i)[1:]
+
+  def clients(self, positions: Iterable[int] | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(x, y)`` of every client of ``positions``, in order, read with one query."""
+    return [(x, y) for _, x, y in self.store.clients(positions)]
+
+  def max_label(self) -> int:
+    """The store's largest label (-1 without examples), from one pass over the labels."""
+    return self.store.max_label()
 
 
 def write_store(
