@@ -110,6 +110,35 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
   return None
 
 
+def load_fashion_mnist(source: str | os.PathLike | None = None):
+  """Fashion-MNIST's (train, test) splits as ((x, y), (x, y)) from its four IDX files.
+
+  Args:
+    source: the folder (default ``/usr/share/datasets/fashion-mnist``, where
+      Debian's ``dataset-fashion-mnist`` installs them); gz or raw files.
+
+  Returns:
+    x float32 [n, 28, 28, 1] in [0, 1], y int32 [n] (`idx.load_idx_images`): 60000
+    train and 10000 test images.
+
+  Raises:
+    SourceError: A file is missing; the message names the package and files.
+  """
+  folder = Path(source) if source is not None else FASHION_MNIST_SOURCE
+  found = {split: [_find_idx(folder, stem) for stem in stems]
+           for split, stems in FASHION_MNIST_FILES.items()}
+  missing = [f"{stem}[.gz]" for split, stems in FASHION_MNIST_FILES.items()
+             for stem, path in zip(stems, found[split]) if path is None]
+  if missing:
+    expected = ", ".join(f"{s}[.gz]" for stems in FASHION_MNIST_FILES.values() for s in stems)
+    raise SourceError(
+        f"fashion_mnist: {folder} lacks {', '.join(missing)}. It needs the four Fashion-MNIST "
+        f"IDX files ({expected}): install Debian's `dataset-fashion-mnist` package, which puts "
+        f"them in {FASHION_MNIST_SOURCE}, or pass --source DIR with the four files."
+    )
+  return load_idx_images(*found["train"]), load_idx_images(*found["test"])
+
+
 def prepare_fashion_mnist(
     source: str | os.PathLike | None,
     out: Path,
@@ -130,19 +159,7 @@ def prepare_fashion_mnist(
     Benchmarking Machine Learning Algorithms", arXiv:1708.07747.
   """
   folder = Path(source) if source is not None else FASHION_MNIST_SOURCE
-  found = {split: [_find_idx(folder, stem) for stem in stems]
-           for split, stems in FASHION_MNIST_FILES.items()}
-  missing = [f"{stem}[.gz]" for split, stems in FASHION_MNIST_FILES.items()
-             for stem, path in zip(stems, found[split]) if path is None]
-  if missing:
-    expected = ", ".join(f"{s}[.gz]" for stems in FASHION_MNIST_FILES.values() for s in stems)
-    raise SourceError(
-        f"fashion_mnist: {folder} lacks {', '.join(missing)}. It needs the four Fashion-MNIST "
-        f"IDX files ({expected}): install Debian's `dataset-fashion-mnist` package, which puts "
-        f"them in {FASHION_MNIST_SOURCE}, or pass --source DIR with the four files."
-    )
-  train = load_idx_images(*found["train"])
-  test = load_idx_images(*found["test"])
+  train, test = load_fashion_mnist(folder)
   return _partitioned_images(
       "fashion_mnist", out, train, test, num_clients, partition, dirichlet_alpha, seed,
       overwrite, source=str(folder), license="MIT (Zalando Research)",
