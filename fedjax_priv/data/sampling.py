@@ -42,6 +42,8 @@ from typing import NamedTuple
 import numpy as np
 import scipy.stats
 
+from fedjax_priv.data.checks import check_int
+
 
 class Cohort(NamedTuple):
   """One round's cohort, padded to the sampler's capacity.
@@ -56,15 +58,6 @@ class Cohort(NamedTuple):
   indices: np.ndarray
   mask: np.ndarray
   overflow: int
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-  """Returns ``value`` as an int, or raises if it is not an integer >= minimum."""
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
-  return int(value)
 
 
 def _check_sampling_rate(sampling_rate) -> float:
@@ -87,7 +80,7 @@ def _padded_cohort(chosen: np.ndarray, capacity: int, overflow: int) -> Cohort:
 
 
 def _round_rng(seed: int, round_index) -> np.random.Generator:
-  round_index = _check_int(round_index, "round_index", 0)
+  round_index = check_int(round_index, "round_index", 0)
   return np.random.default_rng([seed, round_index])
 
 
@@ -105,9 +98,9 @@ def poisson_overflow_probability(num_clients: int, sampling_rate: float, capacit
   Raises:
     ValueError: If an argument is out of range.
   """
-  num_clients = _check_int(num_clients, "num_clients", 1)
+  num_clients = check_int(num_clients, "num_clients", 1)
   sampling_rate = _check_sampling_rate(sampling_rate)
-  capacity = _check_int(capacity, "capacity", 0)
+  capacity = check_int(capacity, "capacity", 0)
   if capacity >= num_clients:
     return 0.0
   return float(scipy.stats.binom.sf(capacity, num_clients, sampling_rate))
@@ -128,7 +121,7 @@ def poisson_capacity(num_clients: int, sampling_rate: float, overflow_probabilit
   Raises:
     ValueError: If an argument is out of range.
   """
-  num_clients = _check_int(num_clients, "num_clients", 1)
+  num_clients = check_int(num_clients, "num_clients", 1)
   sampling_rate = _check_sampling_rate(sampling_rate)
   if (
       not isinstance(overflow_probability, numbers.Real)
@@ -175,13 +168,13 @@ class FixedSizeSampler:
     Raises:
       ValueError: If an argument is out of range.
     """
-    self.num_clients = _check_int(num_clients, "num_clients", 1)
-    self.cohort_size = _check_int(cohort_size, "cohort_size", 1)
+    self.num_clients = check_int(num_clients, "num_clients", 1)
+    self.cohort_size = check_int(cohort_size, "cohort_size", 1)
     if self.cohort_size > self.num_clients:
       raise ValueError(
           f"cohort_size must be <= num_clients ({self.num_clients}), got {self.cohort_size}"
       )
-    self.seed = _check_int(seed, "seed", 0)
+    self.seed = check_int(seed, "seed", 0)
     self.capacity = self.cohort_size
     self.expected_cohort_size = float(self.cohort_size)
     self.sampling_rate = self.cohort_size / self.num_clients
@@ -255,9 +248,9 @@ class PoissonSampler:
     Raises:
       ValueError: If an argument is out of range.
     """
-    self.num_clients = _check_int(num_clients, "num_clients", 1)
+    self.num_clients = check_int(num_clients, "num_clients", 1)
     self.sampling_rate = _check_sampling_rate(sampling_rate)
-    self.seed = _check_int(seed, "seed", 0)
+    self.seed = check_int(seed, "seed", 0)
     if capacity is None:
       # A zero-slot cohort would compile a degenerate round; one slot
       # only lowers the overflow probability further.
@@ -266,7 +259,7 @@ class PoissonSampler:
           poisson_capacity(self.num_clients + 1, self.sampling_rate, overflow_probability),
       )
     else:
-      capacity = _check_int(capacity, "capacity", 1)
+      capacity = check_int(capacity, "capacity", 1)
       if capacity > self.num_clients + 1:
         raise ValueError(
             f"capacity must be <= num_clients + 1 ({self.num_clients + 1}), got {capacity}")

@@ -30,25 +30,18 @@ References:
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterator
 
 import numpy as np
 
+from fedjax_priv.data.checks import check_scale
 from fedjax_priv.data.federated import FederatedDataset
 
 DIMENSION = 60
 NUM_CLASSES = 10
 NUM_CLIENTS = 30
 TRAIN_FRACTION = 0.9
-
-
-def _check_scale(value, name: str) -> float:
-  if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-      or not math.isfinite(value) or value < 0):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-  return float(value)
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -85,8 +78,8 @@ def synthetic_clients(
   Raises:
     ValueError: If an argument is out of range.
   """
-  alpha = _check_scale(alpha, "alpha")
-  beta = _check_scale(beta, "beta")
+  alpha = check_scale(alpha, "alpha")
+  beta = check_scale(beta, "beta")
   num_clients = _check_positive_int(num_clients, "num_clients")
   dimension = _check_positive_int(dimension, "dimension")
   num_classes = _check_positive_int(num_classes, "num_classes")
