@@ -3,6 +3,7 @@
 Tiny runs: logistic regression, 8 clients, cohorts of 4, 4 rounds.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -106,6 +107,12 @@ def test_shape_changing_keys_go_to_the_outer_loop():
 def test_bad_grids_fail_before_compiling(grid, message):
   with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
     sweep.sweep(_config(), grid)
+
+
+def test_streamed_population_is_refused():
+  config = dataclasses.replace(_config(), data=dataclasses.replace(_config().data, stream=True))
+  with pytest.raises(config_lib.ConfigError, match="data.stream"):
+    sweep.sweep(config, {"privacy.noise_multiplier": [1.0]})
 
 
 def test_parse_grid():

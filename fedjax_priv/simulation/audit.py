@@ -294,6 +294,9 @@ def run_canary_audit(config: Config, num_canaries: int, seed: int = 0, confidenc
   if config.simulation.backend == "loop":
     raise ValueError("run_canary_audit scans rounds on the device: simulation.backend must be "
                      "'vmap' or 'chunked', got 'loop'")
+  if config.data.stream:
+    raise ValueError("run_canary_audit plants canaries in an in-memory population and keeps it "
+                     "on the device: set data.stream = false")
   confidence = float(confidence)
   if not 0 < confidence < 1:
     raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")

@@ -147,6 +147,8 @@ def test_plant_canaries_appends_members_to_their_owner():
         c, simulation=dataclasses.replace(c.simulation, backend="loop")), 100,
      "simulation.backend"),
     (lambda c: c, 1, "num_canaries"),
+    (lambda c: dataclasses.replace(c, data=dataclasses.replace(c.data, stream=True)), 100,
+     "data.stream"),
 ])
 def test_bad_input_fails_before_compiling(change, count, match):
   with pytest.raises(ValueError, match=match):
