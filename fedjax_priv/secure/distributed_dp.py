@@ -617,7 +617,8 @@ def _unravel_like(shapes: Any) -> Callable:
 NOISE_KINDS = ("discrete_gaussian", "skellam")
 
 
-def integer_noise(config: DistributedDPConfig, kind: str) -> Callable[[jax.Array, tuple], jax.Array]:
+def integer_noise(config: DistributedDPConfig,
+                  kind: str) -> Callable[[jax.Array, tuple], jax.Array]:
   """The per-client integer noise sampler `(key, shape) -> int32` of `kind` for `config`.
 
   "discrete_gaussian": N_Z(0, s^2), s = `config.local_stddev` (Kairouz et
