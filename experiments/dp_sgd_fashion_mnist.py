@@ -64,9 +64,8 @@ import optax
 from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.per_example_norms import clipped_gradient_sum
 from fedjax_priv.data.device import sample_client_batches
-from fedjax_priv.data.idx import load_idx_images
 from fedjax_priv.data.packing import CohortData
-from fedjax_priv.data.prepare import FASHION_MNIST_FILES, FASHION_MNIST_SOURCE
+from fedjax_priv.data.prepare import load_fashion_mnist
 from fedjax_priv.experiment import dp_sgd_batching
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.models.zoo import TANH_CNN_ACTIVATIONS, tanh_cnn
@@ -78,19 +77,6 @@ import results_page  # experiments/results_page.py, beside this script
 
 PAPER = {"accuracy": 0.861, "epsilon": 2.7}  # Papernot et al. 2021, Fashion-MNIST, tanh.
 TARGET_ACCURACY = 0.85
-
-
-def load_fashion_mnist():
-  """((x [60000, 28, 28, 1] float32 in [0, 1], y [60000] int32), (x_test, y_test))."""
-  def path(stem):
-    for candidate in (FASHION_MNIST_SOURCE / f"{stem}.gz", FASHION_MNIST_SOURCE / stem):
-      if candidate.is_file():
-        return candidate
-    raise FileNotFoundError(
-        f"Fashion-MNIST file {stem}[.gz] not in {FASHION_MNIST_SOURCE}: install Debian's "
-        "dataset-fashion-mnist package (it provides the four IDX files)")
-  return tuple(load_idx_images(*(path(stem) for stem in FASHION_MNIST_FILES[split]))
-               for split in ("train", "test"))
 
 
 def build_step(model, args, num_train: int, sigma: float):
