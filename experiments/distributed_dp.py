@@ -17,9 +17,12 @@ What it does
   multiplier z. Sweep 2: accuracy vs epsilon at fixed bits, each mechanism's z
   calibrated to the target by bisection on its own accountant
   (`accounting.calibrate_noise_multiplier` for central, `ddg_epsilon` /
-  `skellam_epsilon` for the others). Each point is trained for several seeds;
-  seed s fixes the initial model, the per-round keys and the cohorts, and is
-  the same for every mechanism. Writes a markdown page and two PNG plots.
+  `skellam_epsilon` for the others). Sweep 3 looks for the cause of an
+  accuracy gap at equal epsilon: many seeds, accuracy paired by seed, DDG and
+  Skellam at two ring headrooms (k_stddevs), and the noise each mechanism
+  really adds to one round's update, measured against z C / n. Each point is
+  trained for several seeds; seed s fixes the initial model, the per-round
+  keys and the cohorts, and is the same for every mechanism. Writes a markdown page and two PNG plots.
 
 Accounting (the same for the three mechanisms)
   Unit: one user; relation: zero-out (the user's update replaced by nothing,
@@ -35,8 +38,10 @@ Accounting (the same for the three mechanisms)
 Usage
   JAX_PLATFORMS=cpu python experiments/distributed_dp.py [--rounds 50] [--seeds 3]
       [--bits 8,10,12,14,16,18,20] [--noise-multiplier 5] [--epsilons 1,2,4,8]
-      [--eps-bits 16] [--out experiments/results/distributed_dp.md]
-  Smaller and faster: --rounds 20 --seeds 1 --bits 8,16 --epsilons 4.
+      [--eps-bits 16] [--gap-epsilons 2,4] [--gap-seeds 20] [--gap-k 6]
+      [--out experiments/results/distributed_dp.md]
+  Smaller and faster: --rounds 20 --seeds 1 --bits 8,16 --epsilons 4 --gap-epsilons 4
+      --gap-seeds 2.
 """
 
 from __future__ import annotations
@@ -58,9 +63,10 @@ from fedjax_priv.data.packing import pad_population
 from fedjax_priv.data.sampling import FixedSizeSampler
 from fedjax_priv.experiment import Experiment, build
 from fedjax_priv.privacy import accounting
-from fedjax_priv.privacy.aggregation import Aggregator, dp_mean
+from fedjax_priv.privacy.aggregation import Aggregator, ClientContext, RoundContext, dp_mean
 from fedjax_priv.runner import make_evaluator
 from fedjax_priv.secure import distributed_dp as ddp
+from fedjax_priv.secure import quantization
 from fedjax_priv.simulation.program import rounds_on_device
 from fedjax_priv.simulation.round import build_round
 
@@ -72,6 +78,7 @@ LABELS = {"central": "central Gaussian", "ddg": "distributed discrete Gaussian",
           "skellam": "distributed Skellam"}
 # Per-round metrics of the distributed aggregators summarised per run.
 _OVERFLOW_METRICS = ("modular_overflow", "overflow_fraction", "range_used", "rounding_failed")
+DEFAULT_K = ddp.DistributedDPConfig.k_stddevs  # The library's ring headroom in noise stds.
 
 
 class Setup(NamedTuple):
@@ -116,15 +123,18 @@ def make_setup(args) -> Setup:
 # Mechanisms: aggregator and epsilon from (z, bits).
 
 
-def _ddp_config(setup: Setup, z: float, bits: int) -> ddp.DistributedDPConfig:
+def _ddp_config(setup: Setup, z: float, bits: int,
+                k_stddevs: float = DEFAULT_K) -> ddp.DistributedDPConfig:
   return ddp.DistributedDPConfig(clip_norm=setup.clip_norm, noise_multiplier=z,
-                                 num_clients=setup.cohort_size, dim=setup.dim, bits=bits)
+                                 num_clients=setup.cohort_size, dim=setup.dim, bits=bits,
+                                 k_stddevs=k_stddevs)
 
 
-def aggregator(setup: Setup, mechanism: str, z: float, bits: int | None) -> Aggregator:
+def aggregator(setup: Setup, mechanism: str, z: float, bits: int | None,
+               k_stddevs: float = DEFAULT_K) -> Aggregator:
   if mechanism == "central":
     return dp_mean(setup.clip_norm, z, setup.cohort_size)
-  config = _ddp_config(setup, z, bits)
+  config = _ddp_config(setup, z, bits, k_stddevs)
   if mechanism == "ddg":
     return ddp.distributed_discrete_gaussian_mean(config)
   return ddp.skellam_mean(config)
@@ -137,7 +147,8 @@ def _central_event(setup: Setup, z: float):
                                      setup.cohort_size)
 
 
-def epsilon(setup: Setup, mechanism: str, z: float, bits: int | None) -> float:
+def epsilon(setup: Setup, mechanism: str, z: float, bits: int | None,
+            k_stddevs: float = DEFAULT_K) -> float:
   """The mechanism's epsilon after setup.rounds rounds at setup.delta; inf where unproven."""
   if z == 0:
     return math.inf
@@ -145,13 +156,13 @@ def epsilon(setup: Setup, mechanism: str, z: float, bits: int | None) -> float:
     return accounting.compute_epsilon(_central_event(setup, z), setup.delta, "rdp")
   account = ddp.ddg_epsilon if mechanism == "ddg" else ddp.skellam_epsilon
   try:
-    return account(_ddp_config(setup, z, bits), setup.rounds, setup.delta)
+    return account(_ddp_config(setup, z, bits, k_stddevs), setup.rounds, setup.delta)
   except ValueError:  # DDG refuses local scales below 1/2 integer step: no proven bound.
     return math.inf
 
 
 def calibrate(setup: Setup, mechanism: str, target: float, bits: int | None,
-              tolerance: float = 1e-3) -> float:
+              k_stddevs: float = DEFAULT_K, tolerance: float = 1e-3) -> float:
   """Smallest z (to relative `tolerance`) whose epsilon meets `target`.
 
   Only a z whose computed epsilon met the target is returned. The distributed
@@ -168,7 +179,7 @@ def calibrate(setup: Setup, mechanism: str, target: float, bits: int | None,
                                                  setup.delta, "rdp", tolerance)
 
   def meets(z):
-    return epsilon(setup, mechanism, z, bits) <= target
+    return epsilon(setup, mechanism, z, bits, k_stddevs) <= target
 
   lo, hi = 0.0, 1.0
   while not meets(hi):
@@ -232,22 +243,95 @@ def train(setup: Setup, agg: Aggregator, seeds, population, indices, masks):
   return {k: np.asarray(v) for k, v in out.items()}, compile_s, time.perf_counter() - start
 
 
-def run_point(setup: Setup, data, mechanism: str, z: float, bits: int | None) -> Point | None:
+def run_point(setup: Setup, data, mechanism: str, z: float, bits: int | None,
+              k_stddevs: float = DEFAULT_K) -> Point | None:
   """Trains one point for every seed; None (and a message) where the library refuses the config."""
   try:
-    agg = aggregator(setup, mechanism, z, bits)
+    agg = aggregator(setup, mechanism, z, bits, k_stddevs)
   except ValueError as err:  # e.g. a DDG share below 1/2 integer step at low bits.
     print(f"  {mechanism:8s} bits={bits} z={z:.4g} refused: {err}", flush=True)
     return None
   metrics, compile_s, run_s = train(setup, agg, *data)
-  point = Point(mechanism, bits, z, epsilon(setup, mechanism, z, bits), metrics, compile_s,
-                run_s)
+  point = Point(mechanism, bits, z, epsilon(setup, mechanism, z, bits, k_stddevs), metrics,
+                compile_s, run_s)
   acc = metrics["accuracy"]
   print(f"  {mechanism:8s} bits={bits} z={z:.4g} eps={point.epsilon:.4g} "
         f"acc={acc.mean():.4f}+-{acc.std():.4f} overflow_rounds="
         f"{metrics.get('modular_overflow', np.zeros(1)).mean():.3f} "
         f"({compile_s:.1f}s compile, {run_s:.1f}s run)", flush=True)
   return point
+
+
+# --------------------------------------------------------------------------
+# Sweep 3: where an accuracy gap at equal epsilon comes from.
+
+
+class GapRow(NamedTuple):
+  """One mechanism at one target epsilon, trained on the sweep's many seeds."""
+  target: float
+  k_stddevs: float | None
+  point: Point
+  noise_ratio: float   # std of (update - exact mean) per coordinate / (z C / n)
+  noise_bias: float    # mean of (update - exact mean) / (z C / n)
+
+
+def noise_statistics(setup: Setup, agg: Aggregator, z: float, draws: int = 200,
+                     seed: int = 0) -> tuple[float, float]:
+  """(std, mean) of one round's update error per coordinate, in units of z C / n.
+
+  The n deltas are fixed random directions of norm 0.8 C (clipping inactive)
+  and the error is the aggregator's update minus their exact mean, over
+  `draws` round keys: the noise each mechanism really adds, rounding and
+  wrap-around included, against the Gaussian's z C / n per coordinate.
+  """
+  n = setup.cohort_size
+  flat_params, unravel = quantization.ravel(setup.exp.model.init(jax.random.key(0)))
+  directions = np.random.default_rng(seed).normal(size=(n, flat_params.shape[0]))
+  deltas = jnp.asarray(0.8 * setup.clip_norm * directions
+                       / np.linalg.norm(directions, axis=1, keepdims=True), jnp.float32)
+  exact = jnp.mean(deltas, axis=0)
+  state = agg.init(unravel(flat_params))
+  cohort_mask = jnp.ones(n, jnp.float32)
+
+  def one_round(key):
+    client_key, server_key, round_key = jax.random.split(key, 3)
+    prepared, weights, _ = jax.vmap(lambda slot, delta: agg.prepare(
+        state, unravel(delta), 1.0, ClientContext(slot, jax.random.fold_in(client_key, slot),
+                                                  round_key, cohort_mask)))(jnp.arange(n), deltas)
+    total = agg.group_sum(weights, prepared)
+    included = (weights > 0).astype(jnp.float32)
+    update, _, _ = agg.finalize(state, total, jnp.sum(weights),
+                                RoundContext(server_key, round_key, cohort_mask, included))
+    return quantization.ravel(update)[0] - exact
+
+  errors = np.asarray(jax.jit(jax.vmap(one_round))(
+      jax.random.split(jax.random.key(seed), draws)), np.float64)
+  unit = z * setup.clip_norm / n
+  return float(errors.std() / unit), float(errors.mean() / unit)
+
+
+def gap_sweep(args, setup: Setup) -> list[GapRow]:
+  """Central, DDG and Skellam at each of args.gap_epsilons, on args.gap_seeds seeds.
+
+  DDG and Skellam run with the library's ring headroom (k_stddevs = 4) and
+  with args.gap_k: a larger k makes gamma coarser and wrap-around rarer.
+  """
+  seeds = list(range(args.gap_seeds))
+  data = (jnp.asarray(seeds, jnp.int32), jax.device_put(pad_population(setup.exp.train)),
+          *cohorts(setup, seeds))
+  variants = [("central", None), ("ddg", DEFAULT_K), ("ddg", args.gap_k),
+              ("skellam", DEFAULT_K), ("skellam", args.gap_k)]
+  rows = []
+  for target in args.gap_epsilons:
+    for mechanism, k in variants:
+      bits = None if mechanism == "central" else args.eps_bits
+      kwargs = {} if k is None else {"k_stddevs": k}
+      z = calibrate(setup, mechanism, target, bits, **kwargs)
+      point = run_point(setup, data, mechanism, z, bits, **kwargs)
+      ratio, bias = noise_statistics(setup, aggregator(setup, mechanism, z, bits, **kwargs), z)
+      print(f"    k={k} noise std / (z C / n) = {ratio:.3f}, mean = {bias:+.3f}", flush=True)
+      rows.append(GapRow(target, k, point, ratio, bias))
+  return rows
 
 
 # --------------------------------------------------------------------------
@@ -313,7 +397,7 @@ def _kept_reading(out: Path) -> str:
 
 def write_report(args, setup: Setup, bits_points: dict[str, list[Point | None]],
                  central_fixed: Point, eps_points: dict[str, list[tuple[float, Point]]],
-                 skipped: list[str], wall_s: float, out: Path) -> None:
+                 gap_rows: list[GapRow], skipped: list[str], wall_s: float, out: Path) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   stem = out.with_suffix("")
   bits_png, eps_png = Path(f"{stem}_bits.png"), Path(f"{stem}_epsilon.png")
@@ -397,12 +481,11 @@ def write_report(args, setup: Setup, bits_points: dict[str, list[Point | None]],
         + [_acc(p) if p else "–" for p in cells] + [_overflow(p) for p in cells[1:]]) + " |")
   if skipped:
     lines += ["", "Not run: " + "; ".join(skipped) + "."]
+  lines += ["", f"![accuracy vs epsilon]({eps_png.name})", ""]
+  lines += _gap_section(args, gap_rows)
   every = [central_fixed, *(p for pts in bits_points.values() for p in pts if p),
-           *(p for pts in eps_points.values() for _, p in pts)]
+           *(p for pts in eps_points.values() for _, p in pts), *(r.point for r in gap_rows)]
   lines += [
-      "",
-      f"![accuracy vs epsilon]({eps_png.name})",
-      "",
       "## Reading",
       "",
       _kept_reading(out),
@@ -419,6 +502,38 @@ def write_report(args, setup: Setup, bits_points: dict[str, list[Point | None]],
       ""]
   out.write_text("\n".join(lines))
   print(f"wrote {out}, {bits_png.name}, {eps_png.name}")
+
+
+def _gap_section(args, rows: list[GapRow]) -> list[str]:
+  """Sweep 3's table: noise actually added, wrap-around, and the accuracy gap paired by seed."""
+  lines = [
+      f"## Sweep 3: the gap at equal epsilon, on {args.gap_seeds} seeds (b = {args.eps_bits})",
+      "",
+      "Each mechanism calibrated to the target on its own accountant, as in sweep 2; DDG and "
+      f"Skellam with the default ring headroom k = {DEFAULT_K:g} noise standard deviations and "
+      f"with k = {args.gap_k:g} (coarser gamma, rarer wrap-around). Noise std and mean: one "
+      "round's update minus the exact mean of 100 fixed deltas of norm 0.8 C, over 200 round "
+      "keys, per coordinate, in units of the Gaussian's z C / n (`noise_statistics`). "
+      "Wrapped rounds: fraction of training rounds in which some coordinate of the integer sum "
+      "left the ring. Gap: accuracy minus central's on the same seed (same initial model, round "
+      "keys and cohorts), mean ± standard error over seeds.",
+      "",
+      "| target eps | mechanism | k | z | eps | noise std | noise mean | wrapped rounds | "
+      "accuracy | gap vs central |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  central = {r.target: r.point.metrics["accuracy"] for r in rows if r.k_stddevs is None}
+  for r in rows:
+    p = r.point
+    gap = p.metrics["accuracy"] - central[r.target]
+    wrapped = p.metrics.get("modular_overflow")
+    lines.append(
+        f"| {r.target:g} | {p.mechanism} | {'–' if r.k_stddevs is None else f'{r.k_stddevs:g}'} "
+        f"| {p.noise_multiplier:.4g} | {_eps(p.epsilon)} | {r.noise_ratio:.3f} | "
+        f"{r.noise_bias:+.3f} | {'–' if wrapped is None else f'{wrapped.mean():.3f}'} | "
+        f"{_acc(p)} | " + ("–" if r.k_stddevs is None else
+                           f"{gap.mean():+.3f} ± {gap.std(ddof=1) / math.sqrt(len(gap)):.3f}")
+        + " |")
+  return lines + [""]
 
 
 def _ints(text: str) -> list[int]:
@@ -444,12 +559,18 @@ def main() -> None:
   parser.add_argument("--noise-multiplier", type=float, default=5.0,
                       help="z of sweep 1 (summed noise std z C per coordinate)")
   parser.add_argument("--epsilons", type=_floats, default=[1.0, 2.0, 4.0, 8.0])
-  parser.add_argument("--eps-bits", type=int, default=16, help="b of DDG/Skellam in sweep 2")
+  parser.add_argument("--eps-bits", type=int, default=16, help="b of DDG/Skellam in sweeps 2, 3")
+  parser.add_argument("--gap-epsilons", type=_floats, default=[2.0, 4.0],
+                      help="targets of sweep 3 (the gap at equal epsilon)")
+  parser.add_argument("--gap-seeds", type=int, default=20)
+  parser.add_argument("--gap-k", type=float, default=6.0,
+                      help="the larger ring headroom (k_stddevs) sweep 3 compares with 4")
   parser.add_argument("--out", default=str(ROOT / "experiments" / "results" /
                                            "distributed_dp.md"))
   args = parser.parse_args()
-  if args.seeds < 1 or args.rounds < 1:
-    raise ValueError(f"--seeds and --rounds must be >= 1, got {args.seeds}, {args.rounds}")
+  if args.seeds < 1 or args.rounds < 1 or args.gap_seeds < 2:
+    raise ValueError(f"--seeds and --rounds must be >= 1 and --gap-seeds >= 2, got "
+                     f"{args.seeds}, {args.rounds}, {args.gap_seeds}")
 
   start = time.perf_counter()
   setup = make_setup(args)
@@ -477,7 +598,9 @@ def main() -> None:
       if point is not None:
         eps_points[mechanism].append((target, point))
 
-  write_report(args, setup, bits_points, central_fixed, eps_points, skipped,
+  print(f"sweep 3: the gap at equal epsilon on {args.gap_seeds} seeds", flush=True)
+  gap_rows = gap_sweep(args, setup)
+  write_report(args, setup, bits_points, central_fixed, eps_points, gap_rows, skipped,
                time.perf_counter() - start, Path(args.out))
 
 
