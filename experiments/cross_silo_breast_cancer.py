@@ -241,10 +241,7 @@ def write_page(rows, baselines, args, sizes, num_test, times, path: Path) -> Non
       "",
       "## Run",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time: {times['total']:.0f} s in all.",
   ]
   path.write_text("\n".join(lines) + "\n")

@@ -492,10 +492,7 @@ def write_report(args, setup: Setup, bits_points: dict[str, list[Point | None]],
       "",
       "## Reproduce",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time: {wall_s:.0f} s in all; {sum(p.compile_s for p in every):.0f} s of it XLA "
       f"compilation ({len(every)} programs, one per mechanism, z and bits, each vmapped over the "
       f"seeds) and {sum(p.run_s for p in every):.0f} s training.",

@@ -321,10 +321,7 @@ def write_page(results, fractions, names, args, times, data: Data, path: Path) -
       "",
       "## Run",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time: {times['total']:.0f} s in all, {times['compile']:.0f} s of it compiling the "
       f"{len(names) * len(fractions)} (algorithm, stragglers) programs; each program trains all "
       f"{len(DATASETS)} data sets x {args.seeds} seeds x {args.rounds} rounds in one call.",

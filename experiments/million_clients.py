@@ -307,10 +307,7 @@ def _page(args, results: dict, wall: float) -> str:
       f"{growth('stream'):.0f} and {growth('generated'):.0f} MiB (RSS peaks also move by a "
       f"few tens of MiB from run to run with XLA's and the allocator's own use).{baseline}",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time of the whole script: {wall / 60:.1f} min.",
       "",
   ]

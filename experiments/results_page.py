@@ -30,3 +30,8 @@ def hardware() -> str:
   return (f"jax {jax.__version__} on {jax.default_backend()} ({device.device_kind}); "
           f"{os.cpu_count()} CPU cores ({cpu}), shared with other jobs: load average "
           f"{os.getloadavg()[0]:.1f} at the end of the run; python {platform.python_version()}")
+
+
+def command_and_hardware() -> list[str]:
+  """A results page's lines naming the command that regenerates it and the hardware it ran on."""
+  return [f"Command: `{command()}`", "", f"Hardware: {hardware()}.", ""]

@@ -414,10 +414,7 @@ def write_page(results, splits, data, tuned, grid: list[float], args, times, pat
       "",
       "## Run",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time: {times['total']:.0f} s in all, {times['compile']:.0f} s of it compiling one "
       f"program per algorithm (the splits share shapes); each call trains {args.seeds} seeds x "
       f"{args.rounds} rounds of one (split, algorithm) cell.",

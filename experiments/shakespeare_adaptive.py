@@ -458,10 +458,7 @@ def write_page(results, s: Setup, args, total: float, path: Path) -> None:
       "",
       "## Run",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time: {total:.0f} s in all; per method "
       + ", ".join(f"{n} {r['seconds']:.0f} s ({r['compile']:.0f} s compiling)"
                   for n, r in results.items())

@@ -273,10 +273,7 @@ def write_page(results, s: shared.Setup, args, sizes, overflow, sampler, total, 
       "",
       "## Run",
       "",
-      f"Command: `{results_page.command()}`",
-      "",
-      f"Hardware: {results_page.hardware()}.",
-      "",
+      *results_page.command_and_hardware(),
       f"Wall time: {total:.0f} s in all; per noise level "
       + ", ".join(f"sigma {sg:g}: {r['seconds']:.0f} s ({r['compile']:.0f} s compiling)"
                   for sg, r in results.items()) + ".",
