@@ -255,8 +255,10 @@ def main():
       f"risk adds {extra_delta:.1e} to delta (batches truncated in this run: {overflowed}).",
       "- Hyper-parameters: batch 2048, lr 4, momentum 0.9, C 0.1 are those with which Tramer "
       "& Boneh (ICLR 2021) reproduce the paper's end-to-end CNN on Fashion-MNIST (86.0 %, "
-      "sigma 2.15, 40 epochs, epsilon 2.6 by this accountant). Fewer epochs with sigma "
-      "recalibrated fit the CPU budget.", "",
+      "sigma 2.15, 40 epochs, epsilon 2.6 by this accountant)."
+      + ("" if args.sigma is not None else
+         f" Here sigma is recalibrated to spend the target epsilon in {args.epochs} epochs."),
+      "",
       "## Accuracy-epsilon curve", "",
       f"![accuracy vs epsilon]({out.with_suffix('.png').name})", "",
       f"| epoch | epsilon | test accuracy %{seeds_text} | train loss (sampled batches) |",
