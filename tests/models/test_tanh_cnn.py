@@ -112,8 +112,8 @@ def test_auto_clipping_equals_vmap_and_explicit_clipping(setup):
   mask = jnp.asarray([1, 1, 0, 1, 1, 1], jnp.float32)
   lr, b = 0.5, 4.0
 
-  def delta(method, sigma):
-    update = make_client_update(model, optax.sgd(lr), ExampleDP(CLIP, sigma, b, method))
+  def delta(method):
+    update = make_client_update(model, optax.sgd(lr), ExampleDP(CLIP, 0.0, b, method))
     return jit(update)(params, x[None], y[None], mask[None], jax.random.key(3))[0]
 
   one_loss = lambda p, xi, yi: example_losses(model, p, xi[None], yi[None])[0]
@@ -124,9 +124,8 @@ def test_auto_clipping_equals_vmap_and_explicit_clipping(setup):
   expected = jax.tree.map(lambda g: -lr * jnp.tensordot(weights, g, 1) / b, grads)
 
   for method in ("auto", "vmap"):
-    got = delta(method, 0.0)
+    got = delta(method)
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
       np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7)
-  # With noise, the same key draws the same noise whatever the clipping method.
-  for a, v in zip(jax.tree.leaves(delta("auto", 1.0)), jax.tree.leaves(delta("vmap", 1.0))):
-    np.testing.assert_allclose(a, v, rtol=1e-4, atol=1e-6)
+  # Noise with the same key is the same whatever the clipping method:
+  # tests/algorithms/test_client_update.py checks that for ghost norms and vmap.
