@@ -9,7 +9,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from fedjax_priv import checkpoint as ckpt
 from fedjax_priv import config as config_lib
@@ -49,22 +48,8 @@ EXAMPLE = TINY + [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def persistent_cache(tmp_path_factory):
-  """JAX's persistent compilation cache, as the CLI uses it, for this module only.
-
-  The resume tests compile the same programs several times; the cache keeps
-  that cheap. Afterwards JAX's cache config and state are restored.
-  """
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  saved = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+# The runs and resumes compile the same programs several times.
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 def _config(base, *overrides):

@@ -5,7 +5,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from fedjax_priv import checkpoint as ckpt
 from fedjax_priv import config as config_lib
@@ -33,18 +32,8 @@ BASE = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def persistent_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for this module only (the runs share programs)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  saved = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+# The runs and resumes compile the same programs several times.
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")
