@@ -129,6 +129,11 @@ class FederatedDataset:
     return tuple(self.x.shape[1:])
 
   @property
+  def x_dtype(self) -> np.dtype:
+    """Dtype of the features (as ``ClientSource.x_dtype``)."""
+    return self.x.dtype
+
+  @property
   def max_client_size(self) -> int:
     """Number of examples of the largest client (0 when there are no clients)."""
     return int(self.client_sizes.max(initial=0))

@@ -167,10 +167,9 @@ def pack_cohort(
     )
 
   num_slots = len(indices)
-  x_dtype = dataset.x.dtype if isinstance(dataset, FederatedDataset) else dataset.x_dtype
   x = np.zeros(
       (num_slots, max_examples, *dataset.feature_shape),
-      dtype=_float32_if_floating(np.dtype(x_dtype)),
+      dtype=_float32_if_floating(np.dtype(dataset.x_dtype)),
   )
   y = np.zeros((num_slots, max_examples), dtype=np.int32)
   x_rows, y_rows = _cohort_rows(dataset, safe_indices[real], sizes[real])
