@@ -694,7 +694,6 @@ def decode_sum(config: DistributedDPConfig, integer_sum: jax.Array,
 def _distributed_mean(config: DistributedDPConfig, kind: str) -> Aggregator:
   """The DDG / Skellam pipeline with the per-client integer noise of `kind`."""
   noise = integer_noise(config, kind)
-  noise_std_per_share = config.local_stddev if config.noise_multiplier > 0 else 0.0
   bits, n = config.bits, config.num_clients
   half_range = 2.0 ** (bits - 1)
 
@@ -730,7 +729,7 @@ def _distributed_mean(config: DistributedDPConfig, kind: str) -> Aggregator:
     shares = jnp.sum(ctx.included)
     overflow = (exact >= half_range) | (exact < -half_range)
     stats = {"noise_shares": shares,
-             "noise_stddev": jnp.sqrt(shares) * noise_std_per_share * config.gamma / n,
+             "noise_stddev": jnp.sqrt(shares) * config.local_stddev * config.gamma / n,
              "modular_overflow": jnp.any(overflow).astype(jnp.float32),
              "overflow_fraction": jnp.mean(overflow.astype(jnp.float32)),
              "range_used": quantization.range_used(exact, bits)}
