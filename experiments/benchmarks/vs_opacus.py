@@ -175,9 +175,16 @@ def breakdown(model, params, x, y, capacity: int, args, repeats: int = 5) -> dic
     return jax.lax.map(lambda k: gaussian_like(k, params, args.sigma * args.clip),
                        jax.random.split(key, steps))
 
+  def jax_noise(params, key, x, y):
+    del x, y
+    return jax.lax.map(lambda k: jax.tree.map(
+        lambda leaf: jax.random.normal(k, leaf.shape) * args.sigma * args.clip, params),
+                       jax.random.split(key, steps))
+
   parts = {f"clipped sums, {capacity} slots (our capacity)": (clipped_sums, rows(capacity)),
            f"clipped sums, {args.batch} slots (expected batch)": (clipped_sums, rows(args.batch)),
-           "Gaussian noise (threefry)": (noise, jax.random.key(0))}
+           "Gaussian noise (gaussian_like: unrolled threefry)": (noise, jax.random.key(0)),
+           "Gaussian noise (jax.random.normal: rolled threefry)": (jax_noise, jax.random.key(0))}
   result = {}
   for name, (fn, arg) in parts.items():
     inputs = (params, arg, jnp.asarray(x), jnp.asarray(y))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
+from fedjax_priv.privacy.fast_random import standard_normal
 
 
 def _noise_like(sampler, key: jax.Array, tree: tree_util.PyTree,
@@ -28,7 +29,7 @@ def gaussian_like(key: jax.Array, tree: tree_util.PyTree,
     tree: pytree giving the shapes and dtypes.
     stddev: standard deviation, in the units of the leaves.
   """
-  return _noise_like(jax.random.normal, key, tree, stddev)
+  return _noise_like(lambda k, shape, dtype: standard_normal(k, shape), key, tree, stddev)
 
 
 def laplace_like(key: jax.Array, tree: tree_util.PyTree,
