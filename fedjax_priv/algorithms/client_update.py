@@ -49,11 +49,21 @@ class ExampleDP(NamedTuple):
       models of flax Dense/Conv/Embed layers), "vmap" (materialised
       per-example gradients, any model) or "auto" (ghost where it covers most
       parameters). The released update is the same up to float rounding.
+    batch_buckets: increasing static batch sizes (e.g. from
+      `data.poisson_batch_buckets`). A step whose real examples all lie in its
+      first s slots, s the smallest bucket (or the capacity B) that holds its
+      last real slot, computes the clipped sum on those s slots only, through
+      `lax.switch`; Poisson batches put their real examples first, so the
+      expected cost follows the realised batch size instead of B. Same update
+      up to float rounding; the noise is untouched. For a client that is not
+      vmapped (central DP-SGD): under `vmap` the switch turns into a select
+      that runs every bucket, so leave it empty in a vmapped cohort.
   """
   clip_norm: float
   noise_multiplier: float
   expected_batch_size: float
   clipping: str = "auto"
+  batch_buckets: tuple[int, ...] = ()
 
 
 class ClientMetrics(NamedTuple):
@@ -105,6 +115,12 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
     if example_dp.clipping not in CLIPPING_METHODS:
       raise ValueError(
           f"example_dp.clipping must be one of {CLIPPING_METHODS}, got {example_dp.clipping!r}")
+    buckets = example_dp.batch_buckets
+    if (not isinstance(buckets, tuple)
+        or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets)
+        or list(buckets) != sorted(set(buckets))):
+      raise ValueError("example_dp.batch_buckets must be a tuple of strictly increasing "
+                       f"positive ints, got {buckets!r}")
     if example_dp.clipping == "ghost":  # Shapes only: fails before any compile.
       params = jax.eval_shape(model.init, jax.random.key(0))
       x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
@@ -116,12 +132,25 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
     losses = example_losses(model, params, x, y)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(losses * mask)
 
-  def dp_sgd_gradient(params, x, y, mask, key):
-    clipped_sum, losses, _ = clipped_gradient_sum(model, params, x, y, mask,
+  def clipped_sum_on_first(size, params, x, y, mask):
+    clipped_sum, losses, _ = clipped_gradient_sum(model, params, x[:size], y[:size], mask[:size],
                                                   example_dp.clip_norm, example_dp.clipping)
+    return clipped_sum, jnp.sum(losses * mask[:size])
+
+  def dp_sgd_gradient(params, x, y, mask, key):
+    capacity = x.shape[0]
+    sizes = [size for size in example_dp.batch_buckets if size < capacity] + [capacity]
+    if len(sizes) == 1:
+      clipped_sum, loss_sum = clipped_sum_on_first(capacity, params, x, y, mask)
+    else:
+      last_real_slot = jnp.max(jnp.where(mask > 0, jnp.arange(1, capacity + 1), 0))
+      bucket = jnp.searchsorted(jnp.asarray(sizes), last_real_slot)
+      clipped_sum, loss_sum = jax.lax.switch(
+          bucket, [functools.partial(clipped_sum_on_first, size) for size in sizes],
+          params, x, y, mask)
     noise = gaussian_like(key, clipped_sum, example_dp.noise_multiplier * example_dp.clip_norm)
     grad = tree_util.scale(tree_util.add(clipped_sum, noise), 1.0 / example_dp.expected_batch_size)
-    return grad, jnp.sum(losses * mask)
+    return grad, loss_sum
 
   use_proximal = not (isinstance(proximal_mu, (int, float)) and proximal_mu == 0)
 

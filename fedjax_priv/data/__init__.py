@@ -15,6 +15,7 @@ from fedjax_priv.data.sampling import (
     Cohort,
     FixedSizeSampler,
     PoissonSampler,
+    poisson_batch_buckets,
     poisson_capacity,
     poisson_overflow_probability,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "pack_cohort",
     "pad_population",
     "partition_by_key",
+    "poisson_batch_buckets",
     "poisson_capacity",
     "poisson_overflow_probability",
     "prepare_dataset",

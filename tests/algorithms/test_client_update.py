@@ -275,3 +275,36 @@ def test_ghost_and_vmap_give_the_same_noised_step(model_name):
     deltas = [jit(make_client_update(model, optax.sgd(LR), dp._replace(clipping=method)))(
         params, x, y, mask, jax.random.key(4))[0] for method in ("ghost", "vmap")]
     assert_trees_close(deltas[0], deltas[1], rtol=1e-5, atol=1e-6)
+
+
+# --- Batch buckets ---------------------------------------------------------------------------
+
+
+def test_batch_buckets_give_the_same_noised_steps():
+  """Steps whose last real slot falls in each bucket, past every bucket, in a hole-y mask and
+  in an empty batch: the bucketed update equals the capacity-sized one (same noise key)."""
+  batch = 12
+  x, y, _ = make_data(30, num_steps=6, batch=batch, scale=3.0)
+  mask = np.zeros((6, batch), np.float32)
+  for step, last in enumerate([3, 4, 5, 9, 12]):  # Step 5 keeps an all-zero mask.
+    mask[step, :last] = 1.0
+  mask[3, 1:7] = 0.0  # Holes: the last real slot (9) picks the bucket, not the count (3).
+  dp = DP._replace(noise_multiplier=1.0)
+  plain = client_fn("mlp", "sgd", dp)
+  bucketed = client_fn("mlp", "sgd", dp._replace(batch_buckets=(4, 8, 12, 20)))
+  params = mlp_params(5)
+  expected, expected_metrics = plain(params, x, y, jnp.asarray(mask), jax.random.key(6))
+  delta, metrics = bucketed(params, x, y, jnp.asarray(mask), jax.random.key(6))
+  assert_trees_close(delta, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics.loss_sum, expected_metrics.loss_sum, rtol=1e-5)
+  # The bucketed step really branches (buckets 4 and 8, then the capacity 12).
+  conds = [str(jax.make_jaxpr(make_client_update(MLP, optax.sgd(LR), example_dp))(
+      params, x, y, jnp.asarray(mask), jax.random.key(6))).count("cond[")
+           for example_dp in (dp, dp._replace(batch_buckets=(4, 8, 12, 20)))]
+  assert conds[1] == conds[0] + 1
+
+
+@pytest.mark.parametrize("buckets", [(8, 4), (4, 4), (0, 4), [4, 8], (4.0,), (True,)])
+def test_bad_batch_buckets_fail_naming_the_field(buckets):
+  with pytest.raises(ValueError, match="example_dp.batch_buckets"):
+    make_client_update(MLP, optax.sgd(0.1), DP._replace(batch_buckets=buckets))

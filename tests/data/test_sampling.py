@@ -7,6 +7,7 @@ import scipy.stats
 from fedjax_priv.data import (
     FixedSizeSampler,
     PoissonSampler,
+    poisson_batch_buckets,
     poisson_capacity,
     poisson_overflow_probability,
 )
@@ -233,3 +234,14 @@ def test_poisson_overflow_probability():
   assert poisson_overflow_probability(10, 0.5, 0) == pytest.approx(1 - 0.5**10)
   with pytest.raises(ValueError, match="capacity must be >= 0, got -1"):
     poisson_overflow_probability(10, 0.5, -1)
+
+
+def test_poisson_batch_buckets_are_binomial_quantiles_below_capacity():
+  n, q, capacity = 4000, 1 / 16, 365
+  buckets = poisson_batch_buckets(n, q, capacity)
+  assert list(buckets) == sorted(set(buckets)) and buckets[-1] < capacity
+  for p, size in zip((0.6, 0.85, 0.97, 0.997), buckets):
+    assert scipy.stats.binom.cdf(size, n, q) >= p > scipy.stats.binom.cdf(size - 1, n, q)
+  assert poisson_batch_buckets(n, q, 260) == (254,)  # Sizes at or above the capacity drop out.
+  with pytest.raises(ValueError, match="quantiles"):
+    poisson_batch_buckets(n, q, capacity, (0.9, 0.5))
