@@ -13,7 +13,8 @@ What it does
   momentum, which is post-processing of the released gradients (no privacy
   cost). n // b steps make an epoch. Each step is one jitted call from a
   Python loop rather than `make_client_update` in a `lax.scan`: on XLA:CPU
-  this CNN's step ran 10-14x slower inside a scan (see `build_step`).
+  this CNN's step ran 10-14x slower inside a scan (see `build_step`) until
+  the zoo's CPU convolutions got `models.conv`'s backward pass.
 
   After every epoch it evaluates test accuracy on the 10000 test images and
   epsilon at delta (`example_level_event` + `compute_epsilon`, RDP), so one
@@ -87,7 +88,9 @@ def build_step(model, args, num_train: int, sigma: float):
   caller loops over steps in Python: on XLA:CPU the same step inside a
   `lax.scan` (as `make_client_update` runs its local steps) measured 10-14x
   slower for this CNN (convolutions in a while loop), ~4 s against ~50 s per
-  step on the loaded 2-core machine.
+  step on the loaded 2-core machine. `models.conv` has since removed that gap
+  (`experiments/benchmarks/conv_in_scan.py`); the loop stays so that the
+  published run can be repeated as it was made.
   """
   batching = dp_sgd_batching(np.array([num_train]), float(args.batch), 1)
   optimizer = optax.sgd(args.lr, momentum=args.momentum or None)

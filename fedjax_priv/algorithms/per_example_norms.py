@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
 from fedjax_priv import tree as tree_util
+from fedjax_priv.models import conv
 from fedjax_priv.models.model import Model, example_losses
 from fedjax_priv.privacy.clipping import clip_factor
 
@@ -90,7 +91,9 @@ def _unsupported_layer(module: nn.Module) -> str | None:
       return f"a grouped Conv (feature_group_count={module.feature_group_count})"
     if module.mask is not None:
       return "a masked Conv"
-    if module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None:
+    # models.conv computes the same forward convolution; only its VJP differs.
+    if (module.conv_general_dilated not in (None, conv.conv_general_dilated)
+        or module.conv_general_dilated_cls is not None):
       return "a Conv with a custom conv_general_dilated"
     if isinstance(module.padding, str) and module.padding not in ("SAME", "SAME_LOWER", "VALID"):
       return f"a Conv with padding {module.padding!r}"

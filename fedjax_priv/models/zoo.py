@@ -6,13 +6,14 @@ dataset format (e.g. digits as [n, 8, 8, 1]) feeds every model.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedjax_priv.models.conv import conv_general_dilated
 from fedjax_priv.models.model import Model, from_linen
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
@@ -70,11 +71,17 @@ class _PatchConv(nn.Module):
     return patches @ flat_kernel + bias
 
 
+def _cpu_convolution():
+  """`models.conv` on CPU, where lax's gradients are slow inside scans; flax's default elsewhere."""
+  return conv_general_dilated if jax.default_backend() == "cpu" else None
+
+
 class _CNN(nn.Module):
   features: tuple[int, ...]
   dense: int
   num_classes: int
   conv_impl: str
+  convolution: Callable | None = None  # nn.Conv's conv_general_dilated; None: lax's
 
   @nn.compact
   def __call__(self, x):
@@ -83,7 +90,8 @@ class _CNN(nn.Module):
       if self.conv_impl == "patches":
         x = _PatchConv(width, (3, 3), name=f"Conv_{i}")(x)
       else:
-        x = nn.Conv(width, (3, 3), padding="VALID", name=f"Conv_{i}")(x)
+        x = nn.Conv(width, (3, 3), padding="VALID", name=f"Conv_{i}",
+                    conv_general_dilated=self.convolution)(x)
       x = nn.relu(x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
@@ -100,9 +108,10 @@ def cnn(input_shape: Sequence[int], num_classes: int, features: Sequence[int] = 
 
   Args:
     input_shape: (height, width, channels).
-    conv_impl: "xla" (lax.conv, cuDNN on GPUs), "patches" (patches + matmul,
-      faster for per-client weights on XLA:CPU) or "auto" (patches on CPU,
-      xla elsewhere).
+    conv_impl: "xla" (lax.conv, cuDNN on GPUs; on CPU with `models.conv`'s
+      backward pass, fast inside `lax.scan`), "patches" (patches + matmul,
+      faster for per-client weights under vmap on XLA:CPU) or "auto"
+      (patches on CPU, xla elsewhere).
   """
   if conv_impl not in CONV_IMPLEMENTATIONS:
     raise ValueError(f"cnn: conv_impl must be one of {CONV_IMPLEMENTATIONS}, got {conv_impl!r}")
@@ -111,22 +120,26 @@ def cnn(input_shape: Sequence[int], num_classes: int, features: Sequence[int] = 
                      f"{tuple(input_shape)}")
   if conv_impl == "auto":
     conv_impl = "patches" if jax.default_backend() == "cpu" else "xla"
-  module = _CNN(tuple(int(f) for f in features), int(dense), num_classes, conv_impl)
+  module = _CNN(tuple(int(f) for f in features), int(dense), num_classes, conv_impl,
+                _cpu_convolution())
   return from_linen(module, input_shape, num_classes)
 
 
 class _TanhCNN(nn.Module):
   num_classes: int
   activation: str
+  convolution: Callable | None = None  # nn.Conv's conv_general_dilated; None: lax's
 
   @nn.compact
   def __call__(self, x):
     act = TANH_CNN_ACTIVATIONS[self.activation]
     # Plain nn.Conv (not _PatchConv): per-example ghost norms recognise it,
     # and this model trains one set of weights (central DP-SGD), not one per client.
-    x = act(nn.Conv(16, (8, 8), strides=(2, 2), padding="SAME")(x))
+    x = act(nn.Conv(16, (8, 8), strides=(2, 2), padding="SAME",
+                    conv_general_dilated=self.convolution)(x))
     x = nn.max_pool(x, (2, 2), strides=(1, 1))
-    x = act(nn.Conv(32, (4, 4), strides=(2, 2), padding="VALID")(x))
+    x = act(nn.Conv(32, (4, 4), strides=(2, 2), padding="VALID",
+                    conv_general_dilated=self.convolution)(x))
     x = nn.max_pool(x, (2, 2), strides=(1, 1))
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(32)(x))
@@ -146,6 +159,8 @@ def tanh_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
 
   Every parameter lives in a flax Conv or Dense layer called once, so
   per-example ghost norms cover the whole model (`clipping="auto"` uses them).
+  On CPU the convolutions differentiate through `models.conv`, whose gradients
+  stay fast inside `lax.scan`.
 
   Args:
     input_shape: (height, width, channels) of one image, e.g. (28, 28, 1);
@@ -172,4 +187,5 @@ def tanh_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
     # 13 -> SAME stride-2 conv 7 -> pool 6 -> VALID 4x4 stride-2 conv 2 -> pool 1.
     raise ValueError(f"tanh_cnn: input_shape {tuple(input_shape)} is too small: height and "
                      f"width must be >= 13 for the layers to leave a 1x1 map")
-  return from_linen(_TanhCNN(int(num_classes), activation), input_shape, num_classes)
+  return from_linen(_TanhCNN(int(num_classes), activation, _cpu_convolution()), input_shape,
+                    num_classes)
