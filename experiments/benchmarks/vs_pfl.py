@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_priv import checkpoint, experiment, runner
@@ -213,6 +214,45 @@ def run_fedjax_style(exp: experiment.Experiment, cohorts: np.ndarray, seed: int)
   return {"wall_time_s": wall, "compile_time_s": compile_s, "test_accuracy": float(accuracy)}
 
 
+def matmul_floor(args: argparse.Namespace, repeats: int = 3) -> float:
+  """Rounds/s of the round's matrix products alone: an upper bound for any JAX round here.
+
+  The same per-client products as one round of the workload (K clients, S
+  steps, batches of B, the MLP's widths): forward, backward to the inputs of
+  every layer but the first, and the weight gradients, as batched einsums over
+  the cohort, with an SGD update in between and nothing else (no biases,
+  activations, loss, sampling, clipping or noise). Median of `repeats` timed
+  calls of all rounds in one `lax.fori_loop`.
+  """
+  widths = [64, *args.hidden, 10]
+  keys = jax.random.split(jax.random.key(0), len(widths))
+  weights = [jax.random.normal(k, (args.cohort, a, b)) * 0.01
+             for k, a, b in zip(keys, widths[:-1], widths[1:])]
+  x = jax.random.normal(keys[-1], (args.local_steps, args.cohort, args.batch_size, widths[0]))
+
+  def step(weights, xb):
+    inputs, h = [], xb
+    for w in weights:
+      inputs.append(h)
+      h = jnp.einsum("kbi,kio->kbo", h, w)
+    grads, g = [], h
+    for i in reversed(range(len(weights))):
+      grads.insert(0, jnp.einsum("kbi,kbo->kio", inputs[i], g))
+      if i > 0:
+        g = jnp.einsum("kbo,kio->kbi", g, weights[i])
+    return [w - 1e-3 * gw for w, gw in zip(weights, grads)], None
+
+  run = jax.jit(lambda w, x: jax.lax.fori_loop(
+      0, args.rounds, lambda r, w: jax.lax.scan(step, w, x)[0], w)).lower(weights, x).compile()
+  jax.block_until_ready(run(weights, x))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(weights, x))
+    times.append(time.perf_counter() - start)
+  return args.rounds / float(np.median(times))
+
+
 def pfl_python(create: bool) -> Path:
   """The pfl venv's interpreter, creating the venv (pinned CPU torch) on first use."""
   python = PFL_VENV / "bin" / "python"
@@ -321,12 +361,16 @@ def main() -> None:
     if pfl:
       pfls.append(add(f"pfl 0.6 PyTorch, seed {seed}", run_pfl(python, seed_workload, seed)))
 
+  floor = matmul_floor(args)
   text = table(rows, scan)
   notes += [
       f"rigorous epsilon of the same run for fixed-size cohorts (sampling without replacement, "
       f"replace-one, RDP): {eps['epsilon_fixed_rdp']:.3f}",
       f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-      f"jax {jax.__version__} on {jax.default_backend()}"]
+      f"jax {jax.__version__} on {jax.default_backend()}",
+      f"the round's matrix products alone (no activations, loss, sampling, clipping or noise): "
+      f"{floor:.1f} rounds/s, an upper bound for a JAX round of this model here; the scan "
+      f"reaches {scan['rounds_per_s'] / floor:.0%} of it"]
   if pfl:
     ratios = [a["rounds_per_s"] / b["rounds_per_s"] for a, b in zip(scans, pfls)]
     notes += [
@@ -343,7 +387,9 @@ def main() -> None:
         f"{spread([r['test_accuracy'] for r in pfls])}",
         f"epsilon (RDP), fedjax_priv / pfl: {scan['epsilon_rdp'] / pfl['epsilon_rdp']:.5f} "
         f"(target within 1 %); PLD: {scan['epsilon_pld'] / pfl['epsilon_pld']:.5f}",
-        f"pfl: torch {pfl['torch']}, {pfl['torch_threads']} threads"]
+        f"pfl: torch {pfl['torch']}, {pfl['torch_threads']} threads",
+        f"matrix-product bound / pfl: {floor / pfl['rounds_per_s']:.1f}x (the most a JAX round "
+        f"that runs these per-client products through XLA:CPU can gain on pfl here)"]
   scan_vs_round = max(float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree.leaves(per_round["params"]),
       jax.tree.leaves(runner_params(CACHE / f"vs_pfl_run_{args.seed}", exp))))
