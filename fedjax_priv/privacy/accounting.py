@@ -943,6 +943,9 @@ class PrivacyLedger:
   def __init__(self) -> None:
     self._runs: list[tuple[dp_event.DpEvent, int]] = []
     self._overflow_probability_total = 0.0
+    # The runner asks for the same (ε, δ) more than once between rounds (the
+    # evaluation record, then the final report); a PLD composition takes seconds.
+    self._epsilon_cache: dict[tuple, tuple[float, float]] = {}
 
   def record(
       self, event: dp_event.DpEvent, overflow_probability: float = 0.0
@@ -965,6 +968,7 @@ class PrivacyLedger:
     else:
       self._runs.append((event, 1))
     self._overflow_probability_total += p
+    self._epsilon_cache.clear()
 
   @property
   def rounds(self) -> int:
@@ -1003,17 +1007,22 @@ class PrivacyLedger:
 
     Returns:
       (ε, δ_total) with δ_total = delta + (1 + e^ε)·Σ overflow_probability
-      (see `overflow_delta`), capped at 1.
+      (see `overflow_delta`), capped at 1. Computed once per recorded state
+      and arguments.
     """
-    epsilon = compute_epsilon(
-        self.event,
-        delta,
-        accountant,
-        orders=orders,
-        value_discretization_interval=value_discretization_interval,
-    )
-    extra = _overflow_term(epsilon, self._overflow_probability_total)
-    return epsilon, min(1.0, delta + extra)
+    key = (delta, accountant, None if orders is None else tuple(orders),
+           value_discretization_interval)
+    if key not in self._epsilon_cache:
+      epsilon = compute_epsilon(
+          self.event,
+          delta,
+          accountant,
+          orders=orders,
+          value_discretization_interval=value_discretization_interval,
+      )
+      extra = _overflow_term(epsilon, self._overflow_probability_total)
+      self._epsilon_cache[key] = (epsilon, min(1.0, delta + extra))
+    return self._epsilon_cache[key]
 
   def rounds_within_budget(
       self,

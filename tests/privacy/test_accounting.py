@@ -506,3 +506,19 @@ def test_ledger_serialises_tree_events():
   restored = accounting.PrivacyLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
   assert restored.event == ledger.event
   assert restored.epsilon(1e-5) == ledger.epsilon(1e-5)
+
+
+def test_ledger_epsilon_is_computed_once_per_state(monkeypatch):
+  calls = []
+  real = accounting.compute_epsilon
+  monkeypatch.setattr(accounting, "compute_epsilon",
+                      lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+  ledger = accounting.PrivacyLedger()
+  ledger.record(dp_accounting.GaussianDpEvent(2.0), 1e-9)
+  first = ledger.epsilon(1e-5)
+  assert ledger.epsilon(1e-5) == first and len(calls) == 1
+  ledger.epsilon(1e-6)
+  assert len(calls) == 2  # Other arguments: computed.
+  ledger.record(dp_accounting.GaussianDpEvent(2.0))
+  second = ledger.epsilon(1e-5)
+  assert len(calls) == 3 and second[0] > first[0]  # A new round: recomputed, and larger.
