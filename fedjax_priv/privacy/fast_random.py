@@ -1,18 +1,18 @@
-"""Threefry random bits and normals, bit-identical to `jax.random`'s, faster on CPU.
+"""Standard normal samples, bit-identical to `jax.random.normal`, faster on CPU.
 
 Every Gaussian mechanism of the toolkit draws its noise with `standard_normal`
-(through `noise.gaussian_like`), and the RLWE encryption its errors. For a
-scalar typed threefry key, `standard_normal(key, shape)` equals
-`jax.random.normal(key, shape, jnp.float32)` and `random_bits(key, shape)`
-equals `jax.random.bits(key, shape, jnp.uint32)` bit for bit
-on every platform, so seeds, tests and published runs do not change; only the
-CPU lowering differs. JAX lowers the Threefry-2x32 hash on CPU as a rolled
+(through `noise.gaussian_like`); the RLWE encryption keeps `jax.random.normal`
+for its errors, a small share of its time, since the unrolled hash lengthens
+compiles. For a scalar typed threefry key, `standard_normal(key, shape)` equals
+`jax.random.normal(key, shape, jnp.float32)` bit for bit on every platform, so
+seeds, tests and published runs do not change; only the CPU lowering differs. JAX lowers the Threefry-2x32 hash on CPU as a rolled
 `fori_loop` over its five 4-round blocks (to keep compile times short), which
 writes both 32-bit words of every element to memory after every block. Here
 the 20 rounds are written out, so XLA fuses the hash, the uniform transform and
 the inverse error function into one elementwise loop: 2.6x faster per sample
-on the 2-core development CPU (3.6 vs 9.6 ns per normal; `tests/privacy/test_fast_random.py`
-checks equality, `experiments/benchmarks/vs_opacus.py --breakdown` times it).
+on the 2-core development CPU (3.6 vs 9.6 ns per normal;
+`tests/privacy/test_fast_random.py` checks equality,
+`experiments/benchmarks/vs_opacus.py --breakdown` times it).
 Other platforms and other PRNG implementations keep `jax.random.normal`.
 
 The noise is the same floating-point Gaussian as JAX's (inverse transform of a
@@ -79,27 +79,6 @@ def _on_fast_path(key: jax.Array, shape: tuple[int, ...]) -> bool:
           and getattr(jax.config, "jax_threefry_partitionable", True) and 0 < size < 2**32)
 
 
-def _cpu_or_default(key: jax.Array, shape: tuple[int, ...], cpu, default) -> jax.Array:
-  return lax.platform_dependent(
-      jax.random.key_data(key), cpu=lambda data: cpu(data, shape),
-      default=lambda data: default(jax.random.wrap_key_data(data, impl="threefry2x32"), shape))
-
-
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 random bits of `shape`, equal to `jax.random.bits(key, shape, jnp.uint32)`.
-
-  Args:
-    key: a PRNG key; a scalar typed threefry key (`jax.random.key`) takes the
-      unrolled CPU path, any other key `jax.random.bits`.
-    shape: output shape.
-  """
-  shape = tuple(int(d) for d in shape)
-  if not _on_fast_path(key, shape):
-    return jax.random.bits(key, shape, jnp.uint32)
-  return _cpu_or_default(key, shape, _unrolled_bits,
-                         lambda k, s: jax.random.bits(k, s, jnp.uint32))
-
-
 def standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """N(0, 1) float32 samples of `shape`, equal to `jax.random.normal(key, shape, jnp.float32)`.
 
@@ -111,5 +90,7 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   shape = tuple(int(d) for d in shape)
   if not _on_fast_path(key, shape):
     return jax.random.normal(key, shape, jnp.float32)
-  return _cpu_or_default(key, shape, _unrolled_normal,
-                         lambda k, s: jax.random.normal(k, s, jnp.float32))
+  return lax.platform_dependent(
+      jax.random.key_data(key), cpu=lambda data: _unrolled_normal(data, shape),
+      default=lambda data: jax.random.normal(
+          jax.random.wrap_key_data(data, impl="threefry2x32"), shape, jnp.float32))

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_priv.privacy.fast_random import standard_normal
 from fedjax_priv.secure.he.ntt import RnsRing, quotient_remainder, mul_mod
 
 
@@ -71,7 +70,7 @@ def sample_ternary(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def sample_error(key: jax.Array, shape: tuple[int, ...], sigma: float, bound: int) -> jax.Array:
   """Rounded N(0, sigma^2) clipped to [-bound, bound] (SEAL's clipped normal), int32."""
-  e = jnp.round(sigma * standard_normal(key, shape))
+  e = jnp.round(sigma * jax.random.normal(key, shape, jnp.float32))
   return jnp.clip(e, -bound, bound).astype(jnp.int32)
 
 
