@@ -187,8 +187,18 @@ def get(config: Config, key: str) -> Any:
   return getattr(getattr(config, section), name)
 
 
-def validate(config: Config) -> None:
-  """Raises ConfigError naming the first invalid key."""
+def validate(config: Config, population_known: bool | None = None) -> None:
+  """Raises ConfigError naming the first invalid key.
+
+  Args:
+    config: the config.
+    population_known: whether data.num_clients is the real population size.
+      Default: unless data.dataset = store, whose size only the store knows;
+      `experiment.build` validates again with the store's size, so the checks
+      that compare against the population run then.
+  """
+  if population_known is None:
+    population_known = config.data.dataset != "store"
   for key, allowed in CHOICES.items():
     if get(config, key) not in allowed:
       raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {get(config, key)!r}")
@@ -206,8 +216,7 @@ def validate(config: Config) -> None:
     raise ConfigError(f"data.test_fraction must be in (0, 1), got {config.data.test_fraction!r}")
   if not 0 < config.privacy.delta < 1:
     raise ConfigError(f"privacy.delta must be in (0, 1), got {config.privacy.delta!r}")
-  # With a store, data.num_clients is the store's, set by experiment.build.
-  if config.simulation.cohort_size > config.data.num_clients:
+  if population_known and config.simulation.cohort_size > config.data.num_clients:
     raise ConfigError(f"simulation.cohort_size ({config.simulation.cohort_size}) must be <= "
                       f"data.num_clients ({config.data.num_clients})")
   privacy, sim = config.privacy, config.simulation
@@ -231,7 +240,9 @@ def validate(config: Config) -> None:
   if privacy.unit != "both" and privacy.example_target_epsilon > 0:
     raise ConfigError("privacy.example_target_epsilon is the example level of privacy.unit = "
                       f"both, got unit = {privacy.unit}")
-  partial_fixed = sim.sampling == "fixed" and sim.cohort_size < config.data.num_clients
+  # Before a store's size is known, a fixed cohort is taken to be partial.
+  partial_fixed = sim.sampling == "fixed" and (not population_known
+                                               or sim.cohort_size < config.data.num_clients)
   if privacy.fixed_as_poisson and (privacy.unit not in ("user", "both") or not partial_fixed):
     raise ConfigError("privacy.fixed_as_poisson applies to user-level privacy with fixed-size "
                       "cohorts smaller than the population (simulation.sampling = fixed)")

@@ -326,7 +326,7 @@ def build(config: Config) -> Experiment:
     # The store fixes the population; checks that depend on it run again.
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, num_clients=train.num_clients))
-    config_lib.validate(config)
+    config_lib.validate(config, population_known=True)
   else:
     data = config.data
     train, x_test, y_test = federated_digits(data.num_clients, data.partition,

@@ -59,10 +59,15 @@ def test_missing_store_is_named(tmp_path):
 
 
 def test_store_smaller_than_the_cohort_is_refused(store):
+  # data.num_clients (default 10) is not the store's size: the config parses,
+  # and build refuses with the store's 7 clients.
   path = store[0]
-  with pytest.raises(config_lib.ConfigError, match="cohort_size"):
-    build(_config("data.dataset=store", f"data.store={path}", "simulation.cohort_size=8",
-                  "data.num_clients=10"))
+  config = _config("data.dataset=store", f"data.store={path}", "simulation.cohort_size=12")
+  with pytest.raises(config_lib.ConfigError, match=r"cohort_size \(12\) must be <= "
+                     r"data.num_clients \(7\)"):
+    build(config)
+  with pytest.raises(config_lib.ConfigError, match="cohort_size"):  # Digits: known at once.
+    _config("simulation.cohort_size=12")
 
 
 def test_proximal_mu_pulls_local_training_towards_the_server_model():
