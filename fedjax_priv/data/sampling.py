@@ -151,7 +151,7 @@ def poisson_batch_buckets(num_examples: int, sampling_rate: float, capacity: int
   For `ExampleDP.batch_buckets`: a DP-SGD step then runs at the smallest of
   these sizes that holds its realised batch, Binomial(n, q), instead of at the
   capacity. With n = 4000, q = 1/16 and capacity 365 the defaults give
-  (254, 266, 279, 292) and an expected step size of about 261 slots.
+  (254, 266, 279, 293) and an expected step size of about 261 slots.
 
   Args:
     num_examples: the client's dataset size ``n >= 1``.
