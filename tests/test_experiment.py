@@ -70,6 +70,17 @@ def test_store_smaller_than_the_cohort_is_refused(store):
     _config("simulation.cohort_size=12")
 
 
+def test_store_population_checks_wait_for_the_store_size(store):
+  # pld cannot account partial fixed cohorts; with all 7 store clients per round it can,
+  # which only the store's size tells.
+  path = store[0]
+  settings = ("data.dataset=store", f"data.store={path}", "simulation.sampling=fixed",
+              "privacy.unit=user", "privacy.accountant=pld")
+  assert build(_config(*settings, "simulation.cohort_size=7")).train.num_clients == 7
+  with pytest.raises(config_lib.ConfigError, match="pld cannot account fixed-size cohorts"):
+    build(_config(*settings, "simulation.cohort_size=3"))
+
+
 def test_proximal_mu_pulls_local_training_towards_the_server_model():
   """client.proximal_mu is FedProx's mu: larger mu, smaller local drift."""
   drifts = []
