@@ -142,7 +142,6 @@ def poisson_capacity(num_clients: int, sampling_rate: float, overflow_probabilit
   return low
 
 
-
 def poisson_batch_buckets(num_examples: int, sampling_rate: float, capacity: int,
                           quantiles: tuple[float, ...] = (0.6, 0.85, 0.97, 0.997)
                           ) -> tuple[int, ...]:
@@ -169,6 +168,7 @@ def poisson_batch_buckets(num_examples: int, sampling_rate: float, capacity: int
     raise ValueError(f"quantiles must be increasing values in (0, 1), got {quantiles!r}")
   sizes = {max(1, int(scipy.stats.binom.ppf(p, num_examples, sampling_rate))) for p in quantiles}
   return tuple(sorted(size for size in sizes if size < capacity))
+
 
 class FixedSizeSampler:
   """Draws exactly ``cohort_size`` clients per round, uniformly without replacement.

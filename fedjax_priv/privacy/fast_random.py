@@ -5,9 +5,10 @@ Every Gaussian mechanism of the toolkit draws its noise with `standard_normal`
 for its errors, a small share of its time, since the unrolled hash lengthens
 compiles. For a scalar typed threefry key, `standard_normal(key, shape)` equals
 `jax.random.normal(key, shape, jnp.float32)` bit for bit on every platform, so
-seeds, tests and published runs do not change; only the CPU lowering differs. JAX lowers the Threefry-2x32 hash on CPU as a rolled
-`fori_loop` over its five 4-round blocks (to keep compile times short), which
-writes both 32-bit words of every element to memory after every block. Here
+seeds, tests and published runs do not change; only the CPU lowering differs.
+JAX lowers the Threefry-2x32 hash on CPU as a rolled `fori_loop` over its five
+4-round blocks (to keep compile times short), which writes both 32-bit words
+of every element to memory after every block. Here
 the 20 rounds are written out, so XLA fuses the hash, the uniform transform and
 the inverse error function into one elementwise loop: 2.6x faster per sample
 on the 2-core development CPU (3.6 vs 9.6 ns per normal;
