@@ -89,8 +89,8 @@ from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
 from fedjax_priv.algorithms.per_example_norms import clipped_gradient_sum
 from fedjax_priv.data.device import sample_client_batches
 from fedjax_priv.data.packing import CohortData
-from fedjax_priv.data.sampling import poisson_batch_buckets
 from fedjax_priv.data.prepare import heldout_store_path, prepare_mnist5k
+from fedjax_priv.data.sampling import poisson_batch_buckets
 from fedjax_priv.data.store import FederatedStore
 from fedjax_priv.experiment import dp_sgd_batching
 from fedjax_priv.models.model import evaluate
