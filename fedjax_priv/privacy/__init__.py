@@ -1,6 +1,6 @@
 """Privacy mechanisms (transforms, aggregators, clipping, noise), their accounting and audits."""
 
-from fedjax_priv.privacy import accounting, audit, local_dp, transforms
+from fedjax_priv.privacy import accounting, audit, local_dp, matrix_factorization, transforms
 from fedjax_priv.privacy.adaptive_clipping import (AdaptiveClipState, adaptive_clip_mean,
                                                    split_noise_multiplier)
 from fedjax_priv.privacy.aggregation import (Aggregator, ClientContext, RoundContext, dp_mean,
@@ -13,5 +13,6 @@ __all__ = [
     "AdaptiveClipState", "Aggregator", "ClientContext", "RoundContext", "TreeState",
     "accounting", "adaptive_clip_mean", "audit", "clip_by_l2_norm", "clip_factor",
     "dp_ftrl_aggregator", "dp_mean", "gaussian_like", "laplace_like", "local_dp",
+    "matrix_factorization",
     "split_noise_multiplier", "transforms", "weighted_mean",
 ]
