@@ -1,4 +1,4 @@
-"""Tests of fedjax_priv.privacy.matrix_factorization (workloads, strategies, sensitivity, streams)."""
+"""Tests of fedjax_priv.privacy.matrix_factorization: workloads, strategies, sensitivity, streams."""
 
 import functools
 import math
@@ -394,17 +394,34 @@ def test_bad_arguments_are_named():
 
 
 # ----------------------------------------------------------------------------
-# Against jax_privacy, when it is installed (never a dependency).
+# Against jax_privacy, when it is importable (never a dependency). To run it:
+#   pip download jax-privacy==2.0.0 --no-deps -d /tmp/jp && unzip -q -d /tmp/jp_pkgs /tmp/jp/*.whl
+#   PYTHONPATH=$PWD:/tmp/jp_pkgs python -m pytest \
+#       tests/privacy/test_matrix_factorization.py -k jax_privacy
 
 
 def test_matches_jax_privacy():
-  toeplitz = pytest.importorskip("jax_privacy.matrix_factorization.toeplitz")
+  jp = pytest.importorskip("jax_privacy.matrix_factorization")
   n, k, b = 64, 4, 16
-  strategy = mf.optimize_banded_toeplitz(mf.Workload(n), 24, k, b)
-  coefs = jnp.asarray(strategy.coefs, jnp.float32)
-  theirs = float(toeplitz.minsep_sensitivity_squared(coefs, b, k, n=n))
-  assert mf.sensitivity(strategy, n, k, b) ** 2 == pytest.approx(theirs, rel=1e-5)
-  per_query = np.asarray(toeplitz.per_query_error(strategy_coef=coefs, n=n))
-  error = mf.expected_error(strategy, mf.Workload(n))
-  assert error.rmse ** 2 == pytest.approx(per_query.mean(), rel=1e-5)
-  assert error.max_error ** 2 == pytest.approx(per_query.max(), rel=1e-5)
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    for strategy in (mf.optimize_banded_toeplitz(mf.Workload(n), 24, k, b),
+                     mf.BandedToeplitz(mf.square_root_coefs(n))):
+      coefs = jnp.asarray(strategy.coefs)
+      theirs = float(jp.toeplitz.minsep_sensitivity_squared(coefs, b, k, n=n))
+      assert mf.sensitivity(strategy, n, k, b) ** 2 == pytest.approx(theirs, rel=1e-6)
+      per_query = np.asarray(jp.toeplitz.per_query_error(strategy_coef=coefs, n=n))
+      error = mf.expected_error(strategy, mf.Workload(n))
+      assert error.rmse ** 2 == pytest.approx(per_query.mean(), rel=1e-6)
+      assert error.max_error ** 2 == pytest.approx(per_query.max(), rel=1e-6)
+    signed = rng.normal(size=(n, n))
+    banded = np.tril(signed) - np.tril(signed, -b) + 3 * np.eye(n)
+    assert mf.sensitivity(mf.DenseStrategy(banded), n, k, b) == pytest.approx(
+        float(jp.sensitivity.get_sensitivity_banded(jnp.asarray(banded), b, k)), rel=1e-6)
+    dense = np.tril(rng.normal(size=(n, n))) + np.eye(n)
+    assert mf.sensitivity_upper_bound(mf.DenseStrategy(dense), n, k, b) == pytest.approx(
+        float(jp.sensitivity.get_min_sep_sensitivity_upper_bound(jnp.asarray(dense), b, k)),
+        rel=1e-6)
+    blt = random_blt(rng, 3)
+    theirs = jp.buffered_toeplitz.BufferedToeplitz.build(blt.buffer_decay, blt.output_scale)
+    np.testing.assert_allclose(mf.toeplitz_coefs(blt, n), theirs.toeplitz_coefs(n), rtol=1e-10)

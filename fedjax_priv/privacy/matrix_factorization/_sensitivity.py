@@ -15,8 +15,9 @@ noise multiplier sigma for the whole run: one `GaussianDpEvent(sigma)`,
 not one per round. Replacing a user by another one (replace-one) moves two
 patterns and is not what this computes.
 
-Exact values (Choquette-Choo et al. 2023, "(Amplified) banded MF", Thm. 2
-and Alg. 3; Kalinin & Lampert 2024, Thm. 2):
+Exact values (Choquette-Choo et al. 2023, "(Amplified) banded MF", for
+banded C and its Alg. 3; Kalinin & Lampert 2024, Thm. 2, for decreasing
+Toeplitz C):
 
 - k = 1: the largest column norm of C.
 - C with at most b bands: columns of one pattern are orthogonal, so
@@ -47,8 +48,7 @@ from typing import Any
 import numpy as np
 
 from fedjax_priv.privacy.matrix_factorization._strategies import (
-    TOEPLITZ_KINDS, BandedToeplitz, DenseStrategy, Strategy, check_strategy, strategy_matrix,
-    toeplitz_coefs)
+    TOEPLITZ_KINDS, BandedToeplitz, Strategy, check_strategy, strategy_matrix, toeplitz_coefs)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -128,7 +128,8 @@ class Workload:
   @property
   def is_toeplitz(self) -> bool:
     """Whether A is Toeplitz (constant learning rate)."""
-    return self.learning_rates is None or bool(np.all(self.learning_rates == self.learning_rates[0]))
+    rates = self.learning_rates
+    return rates is None or bool(np.all(rates == rates[0]))
 
   def momentum_coefs(self) -> np.ndarray:
     """beta^j for j < n: the Toeplitz coefficients of M, float64 [n]."""
@@ -275,7 +276,10 @@ def banded_square_root(bands: int, momentum: float = 0.0) -> BandedToeplitz:
 
 
 def banded_inverse_square_root(bands: int, momentum: float = 0.0) -> InverseBandedToeplitz:
-  """BISR: C^-1 = the inverse square root truncated to `bands` (Kalinin, Upadhyay & Lampert 2025)."""
+  """BISR: C^-1 = the inverse square root, truncated to `bands`.
+
+  Kalinin, Upadhyay & Lampert 2025.
+  """
   return InverseBandedToeplitz(inverse_square_root_coefs(bands, momentum))
 
 

@@ -8,8 +8,8 @@ checkpointed):
 - `BandedToeplitz` (bands p): the last p - 1 outputs, and
   c_0 w_t = z_t - sum_{0<l<p} c_l w_(t-l) (Choquette-Choo et al. 2023,
   "(Amplified) banded MF", Alg. 9).
-- `InverseBandedToeplitz` (BISR, p bands): the last p - 1 draws, and
-  w_t = sum_{l<p} e_l z_(t-l).
+- `InverseBandedToeplitz` (BISR, p bands): the last p draws (z_t
+  included), and w_t = sum_{l<p} e_l z_(t-l).
 - `BufferedToeplitz` (m buffers): w_t = z_t - sum_i w_i s_i, then
   s_i <- theta_i s_i + w_t (McMahan, Xu & Zhang 2024, Alg. 3): C w = z
   solved through C's own buffers, so no inverse BLT is needed.
@@ -52,11 +52,11 @@ class StreamState(NamedTuple):
 
 
 def stream_slots(strategy: Strategy) -> int:
-  """Rows of state per coordinate: bands - 1, bands - 1, buffers, or n."""
+  """Rows of state per coordinate: bands - 1 (BandMF), bands (BISR), buffers, or n."""
   if isinstance(strategy, BandedToeplitz):
     return len(strategy.coefs) - 1
   if isinstance(strategy, InverseBandedToeplitz):
-    return len(strategy.inverse_coefs) - 1
+    return len(strategy.inverse_coefs)
   if isinstance(strategy, BufferedToeplitz):
     return len(strategy.buffer_decay)
   if isinstance(strategy, DenseStrategy):
@@ -128,14 +128,13 @@ def stream_next(strategy: Strategy, state: StreamState, key: jax.Array) -> tuple
     buffers = jax.tree.map(lambda rows, w: _write(rows, w, t % slots), state.buffers, noise)
   elif isinstance(strategy, InverseBandedToeplitz):
     coefs = jnp.asarray(strategy.inverse_coefs, jnp.float32)
-    slots = coefs.shape[0] - 1
-    if slots == 0:
-      noise = jax.tree.map(lambda z: coefs[0] * z, draw)
-      return noise, StreamState(t + 1, state.buffers)
-    weights = _ring_weights(coefs, t, slots)
-    noise = jax.tree.map(lambda z, rows: coefs[0] * z + _weighted(weights, rows),
-                         draw, state.buffers)
+    slots = coefs.shape[0]
+    # Write z_t first, then read all `bands` draws: the read then depends on
+    # the write, so XLA updates the ring in place (reading first would let it
+    # schedule the write before the read and copy the whole ring).
     buffers = jax.tree.map(lambda rows, z: _write(rows, z, t % slots), state.buffers, draw)
+    weights = coefs[(t - jnp.arange(slots)) % slots]
+    noise = jax.tree.map(lambda rows: _weighted(weights, rows), buffers)
   elif isinstance(strategy, BufferedToeplitz):
     decay = jnp.asarray(strategy.buffer_decay, jnp.float32)
     scale = jnp.asarray(strategy.output_scale, jnp.float32)
