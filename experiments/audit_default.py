@@ -4,7 +4,7 @@ What it does
   Trains the default experiment (five digit hospitals, logistic regression,
   example-level full-batch DP-GD for 80 rounds, sigma calibrated to
   (5, 1e-5)-DP) ONCE with m white-box gradient canaries planted, each in its
-  hospital with probability 1/2 (`fedjax_priv.simulation.audit`), and turns
+  hospital with probability 1/2 (`fedjax_priv.canary_audit`), and turns
   the canaries' scores into an eps lower bound at 95% confidence
   (Steinke, Nasr & Jagielski 2023; `fedjax_priv.privacy.audit`). It does the
   same with the noise off (sigma = 0, clipping kept), where the accountant
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from fedjax_priv import config as config_lib
-from fedjax_priv.simulation.audit import run_canary_audit
+from fedjax_priv.canary_audit import run_canary_audit
 
 import results_page  # experiments/results_page.py, beside this script
 

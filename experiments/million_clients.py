@@ -153,7 +153,7 @@ def _train_generated(args, n: int, store: Path) -> dict:
   import numpy as np
   from fedjax_priv.algorithms.server import server_init
   from fedjax_priv.data.packing import pack_cohort
-  from fedjax_priv.experiment import (hyperparameters, make_sampler, make_training,
+  from fedjax_priv.experiment import (hyperparameters, make_training, participation_of,
                                       privacy_levels)
   from fedjax_priv.models import logistic_regression
   from fedjax_priv.models.model import evaluate
@@ -163,11 +163,12 @@ def _train_generated(args, n: int, store: Path) -> dict:
   with _Memory() as memory:
     start = time.perf_counter()
     population = _population(n)
-    sampler = make_sampler(config, n)
+    participation = participation_of(config, n)
+    sampler = participation.sampler(config.simulation.seed)
     batching = Batching(config.client.local_steps, config.client.batch_size)
-    levels = privacy_levels(config, population, sampler, batching)
+    levels = privacy_levels(config, population, participation, batching)
     model = logistic_regression(population.feature_shape, POPULATION["num_classes"])
-    training = make_training(config, model, sampler, hyperparameters(config, levels))
+    training = make_training(config, model, participation, hyperparameters(config, levels))
     step = jax.jit(round_from_cohort(training.round_fn, batching), donate_argnums=0)
     init_key, rounds_key = jax.random.split(jax.random.key(SEED))
     state = server_init(model.init(init_key), training.server_optimizer, training.aggregator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
@@ -17,6 +18,10 @@ from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 class ConfigError(ValueError):
   """A config value or key is invalid; the message names the key."""
+
+
+# sigma of a level whose noise multiplier and target epsilon are both unset.
+DEFAULT_NOISE_MULTIPLIER = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,12 @@ class PrivacyConfig:
   # clients and a DP mean at the server, each level accounted and reported).
   unit: str = "none"
   clip_norm: float = 1.0            # user or example level; the user level under "both"
-  noise_multiplier: float = 1.0
+  # sigma; unset: DEFAULT_NOISE_MULTIPLIER, or calibrated when target_epsilon > 0
+  # (setting both is refused: which one the run used would be ambiguous).
+  noise_multiplier: float | None = None
   target_epsilon: float = 0.0       # > 0: calibrate noise_multiplier to reach it
   example_clip_norm: float = 1.0    # unit = both: the example level (DP-SGD) part
-  example_noise_multiplier: float = 1.0
+  example_noise_multiplier: float | None = None
   example_target_epsilon: float = 0.0
   delta: float = 1e-5
   accountant: str = "rdp"           # rdp | pld
@@ -130,6 +137,11 @@ NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.pr
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
   """Converts a TOML value to the field's type, or raises naming the key."""
+  if isinstance(annotation, types.UnionType):
+    # `float | None`: unset in TOML; None only arrives from a config's own dict.
+    if value is None:
+      return None
+    annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
   if get_origin(annotation) is tuple:
     (item_type, _) = get_args(annotation)
     if not isinstance(value, (list, tuple)):
@@ -208,6 +220,8 @@ def validate(config: Config, population_known: bool | None = None) -> None:
       raise ConfigError(f"{key} must be > 0, got {value!r}")
   for key in NON_NEGATIVE:
     value = get(config, key)
+    if value is None:
+      continue
     if not (value >= 0 and math.isfinite(value)):
       raise ConfigError(f"{key} must be >= 0, got {value!r}")
   if any(width < 1 for width in config.model.hidden):
@@ -237,6 +251,12 @@ def validate(config: Config, population_known: bool | None = None) -> None:
     for key in ("target_epsilon", "epsilon_budget"):
       if getattr(privacy, key) > 0:
         raise ConfigError(f"privacy.{key} needs privacy.unit = user, example or both, got none")
+  for sigma, target in (("noise_multiplier", "target_epsilon"),
+                        ("example_noise_multiplier", "example_target_epsilon")):
+    if getattr(privacy, sigma) is not None and getattr(privacy, target) > 0:
+      raise ConfigError(f"privacy.{sigma} = {getattr(privacy, sigma)} and privacy.{target} = "
+                        f"{getattr(privacy, target)} are both set; set one: {target} calibrates "
+                        f"{sigma} (`fedjax-priv calibrate` prints it)")
   if privacy.unit != "both" and privacy.example_target_epsilon > 0:
     raise ConfigError("privacy.example_target_epsilon is the example level of privacy.unit = "
                       f"both, got unit = {privacy.unit}")
@@ -279,11 +299,41 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
       raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     except OSError as error:
       raise ConfigError(f"config file {path} cannot be read: {error}") from None
+  values: dict[str, Any] = {}
   for text in overrides:
     key, value = parse_override(text)
+    values[key] = value
+  return from_dict(with_values(raw, values))
+
+
+# A noise multiplier and the target that calibrates it are one choice: an
+# override of either replaces the other where it was set beneath it.
+_CALIBRATED_PAIRS = (("privacy.noise_multiplier", "privacy.target_epsilon"),
+                     ("privacy.example_noise_multiplier", "privacy.example_target_epsilon"))
+
+
+def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+  """`raw` (a config as nested dicts) with `values` ({'section.name': value}) set.
+
+  Setting a noise multiplier clears the target epsilon of the same level that
+  `raw` held, and setting a target clears the multiplier, unless `values` sets
+  both (which validation then refuses). So `--set privacy.target_epsilon=3`
+  on a file with a noise multiplier calibrates, and a sweep over
+  privacy.noise_multiplier runs the multipliers it names.
+  """
+  raw = {section: dict(table) if isinstance(table, dict) else table
+         for section, table in raw.items()}
+  for key, value in values.items():
+    if key.count(".") != 1:
+      raise ConfigError(f"key must look like section.name, got {key!r}")
     section, name = key.split(".")
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
       raise ConfigError(f"[{section}] must be a table")
     raw[section][name] = value
-  return from_dict(raw)
+  for pair in _CALIBRATED_PAIRS:
+    for key, partner in (pair, pair[::-1]):
+      if key in values and partner not in values:
+        section, name = partner.split(".")
+        raw.get(section, {}).pop(name, None)
+  return raw

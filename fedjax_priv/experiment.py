@@ -1,14 +1,21 @@
-"""Builds every piece of an experiment from a `Config`, before anything compiles.
+"""The open experiment API: objects in (`assemble`), and the config as one way to build them.
 
-`build(config)` returns an `Experiment`: data, model, sampler, client update,
-aggregator, round function, batching and the privacy plan (the per-round
-DpEvent and what it protects). The runner executes it; tests and benchmarks
-use the pieces directly.
+`assemble(model, train, test, aggregator, participation, settings, ...)`
+returns an `Experiment` from objects: any model, any aggregator (a user's
+chain, secure or homomorphic aggregation, distributed DP), any participation
+scheme. Its privacy is read from the objects that run: each aggregator and
+`ExampleDP` states the event of one round of itself and the participation
+wraps it (`user_plan`, `example_plan`); `calibrate_mechanism` finds the
+noise multiplier of any mechanism for a target epsilon. `build(config)` makes
+the same objects from a TOML config and calls nothing else. The runner
+(`runner.run_experiment`) executes an Experiment whichever way it was built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -16,58 +23,181 @@ import dp_accounting
 import numpy as np
 import optax
 
+from fedjax_priv import config as config_lib
 from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
 from fedjax_priv.algorithms.stragglers import with_stragglers
-from fedjax_priv import config as config_lib
+from fedjax_priv.checks import check_delta, check_int
 from fedjax_priv.config import Config
 from fedjax_priv.data import FederatedDataset, federated_digits
 from fedjax_priv.data.population import ClientSource
-from fedjax_priv.data.sampling import (FixedSizeSampler, PoissonSampler, poisson_capacity,
-                                       poisson_overflow_probability)
+from fedjax_priv.data.sampling import poisson_capacity, poisson_overflow_probability
 from fedjax_priv.models import Model, cnn, logistic_regression, mlp
 from fedjax_priv.privacy import accounting
 from fedjax_priv.privacy.aggregation import Aggregator, dp_mean, weighted_mean
+from fedjax_priv.privacy.ledger import PrivacyLedger
+from fedjax_priv.simulation import participation as participation_lib
+from fedjax_priv.simulation.participation import Participation
 from fedjax_priv.simulation.program import Batching
-from fedjax_priv.simulation.round import RoundFn, build_round
+from fedjax_priv.simulation.round import BACKENDS, RoundFn, build_round
 
 # Bound on P[a Poisson batch overflows its static capacity] in one DP-SGD step;
 # the accountant charges (1 + e^eps) * steps * this to delta.
 BATCH_OVERFLOW_PROBABILITY = 1e-12
 
-NEIGHBOURING = {
-    "none": "no privacy",
-    "user": {"poisson": "add/remove one user's whole dataset",
-             "full": "add/remove one user's whole dataset",
-             "fixed": "replace one user's whole dataset"},
-    "example": "add/remove one example of one client's dataset",
-}
+EXAMPLE_RELATION = "add/remove one example of one client's dataset"
 
 
 class PrivacyPlan(NamedTuple):
   """What one round releases at one privacy level, and how it is accounted.
 
+  Built from the objects that run (`user_plan`, `example_plan`), never from
+  a second copy of their parameters.
+
   Attributes:
-    unit: "none", "user" or "example".
-    clip_norm: the level's clip norm C (0.0 without privacy).
-    noise_multiplier: sigma actually used (after calibration).
-    sampling: "fixed", "poisson" or "full" (user level); "poisson" (example level).
+    unit: "user" or "example".
+    clip_norm: the level's clip norm C where the mechanism has one, else None.
+    noise_multiplier: sigma where the mechanism has one, else None.
+    sampling: the participation's name ("full", "fixed", "poisson",
+      "shuffled_epochs"; "poisson" at the example level).
     sampling_rate: q of the accounted sampling (worst client at example level).
-    round_event: the DpEvent of one round (None without privacy).
+    event_at: round index -> the DpEvent of that round.
     overflow_probability_per_round: bound charged to delta per round.
     neighbouring: the neighbouring relation in words.
+    description: the mechanism, in one line.
   """
   unit: str
-  clip_norm: float
-  noise_multiplier: float
+  clip_norm: float | None
+  noise_multiplier: float | None
   sampling: str
   sampling_rate: float
-  round_event: Any
+  event_at: Callable[[int], Any]
   overflow_probability_per_round: float
   neighbouring: str
+  description: str = ""
+
+  @property
+  def round_event(self):
+    """The event of the first round (every round's, for schemes without epochs)."""
+    return self.event_at(0)
+
+
+def user_plan(aggregator: Aggregator, participation: Participation) -> PrivacyPlan | None:
+  """The user level of a run: the aggregator's own `RoundPrivacy`, wrapped by the participation.
+
+  Args:
+    aggregator: the aggregator that runs; None privacy means no guarantee.
+    participation: how clients take part.
+
+  Returns:
+    The plan, or None when the aggregator makes no privacy statement.
+
+  Raises:
+    ValueError: the participation cannot account for the mechanism (e.g.
+      DP-FTRL with Poisson cohorts), naming both.
+  """
+  privacy = aggregator.privacy
+  if privacy is None:
+    return None
+  participation.round_event(privacy, 0)  # Refuses an unaccountable pairing now.
+  return PrivacyPlan("user", None, None, participation.name,
+                     float(participation.sampling_rate),
+                     functools.partial(participation.round_event, privacy),
+                     float(participation.overflow_probability_per_round),
+                     participation_lib.neighbouring(participation, privacy),
+                     privacy.description)
+
+
+def example_plan(example_dp: ExampleDP, client_sizes: np.ndarray, batching: Batching
+                 ) -> PrivacyPlan:
+  """DP-SGD's per-round event in every client, from the `ExampleDP` that runs.
+
+  The accountant charges every round to the worst-off example (the smallest
+  client, largest q) as if its client trained every round; this is exact when
+  every client takes part in every round and an upper bound otherwise (no
+  amplification by cohort sampling is claimed).
+  """
+  smallest = int(np.min(client_sizes))
+  step = example_dp.step_event(smallest)
+  event = dp_accounting.SelfComposedDpEvent(step, batching.num_steps)
+  rate = min(1.0, float(example_dp.expected_batch_size) / smallest)
+  return PrivacyPlan("example", float(example_dp.clip_norm),
+                     float(example_dp.noise_multiplier), "poisson", rate, lambda r: event,
+                     float(batching.num_steps * batching.overflow_probability), EXAMPLE_RELATION,
+                     f"DP-SGD in every client: {example_dp.noise_multiplier} x "
+                     f"{batching.num_steps} steps")
+
+
+def total_event(plan: PrivacyPlan, rounds: int):
+  """The composed DpEvent of the first `rounds` rounds of `plan`."""
+  ledger = PrivacyLedger()
+  for r in range(rounds):
+    ledger.record(plan.event_at(r))
+  return ledger.event
+
+
+def calibrate_mechanism(make_plan: Callable[[float], PrivacyPlan], rounds: int,
+                        target_epsilon: float, delta: float, accountant: str = "rdp") -> float:
+  """The smallest noise multiplier whose plan meets `target_epsilon` over `rounds` rounds.
+
+  Works for any mechanism: `make_plan(sigma)` builds the plan of the
+  mechanism with multiplier sigma (e.g. `lambda s: user_plan(dp_mean(C, s,
+  m), participation)`), and the event that is calibrated is the one that
+  mechanism reports.
+  """
+  return float(accounting.calibrate_noise_multiplier(
+      lambda sigma: total_event(make_plan(sigma), rounds), target_epsilon, delta, accountant))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """How a run is driven: rounds, evaluation, checkpoints, accounting, backend.
+
+  Attributes:
+    rounds: rounds to train.
+    seed: seed of init, cohorts, batches and noise.
+    eval_every, checkpoint_every: rounds between evaluations / checkpoints
+      (0: only at the end).
+    backend, client_chunk_size: the round builder's (`simulation.build_round`).
+    data_on_device: keep the population on the device and scan many rounds
+      per call.
+    delta, accountant: the reported (epsilon, delta) and how it is computed.
+    epsilon_budget: > 0: stop before the round that would take any level
+      past it.
+    description: JSON-serialisable record of what was built (the resolved
+      config for `fedjax-priv run`), written to config.json and compared on
+      resume.
+  """
+  rounds: int
+  seed: int = 0
+  eval_every: int = 10
+  checkpoint_every: int = 0
+  backend: str = "chunked"
+  client_chunk_size: int = 64
+  data_on_device: bool = True
+  delta: float = 1e-5
+  accountant: str = "rdp"
+  epsilon_budget: float = 0.0
+  description: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    check_int("rounds", self.rounds, 1)
+    check_int("seed", self.seed, 0)
+    check_int("eval_every", self.eval_every, 1)
+    check_int("checkpoint_every", self.checkpoint_every, 0)
+    check_int("client_chunk_size", self.client_chunk_size, 1)
+    check_delta(self.delta)
+    if self.backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+    if self.accountant not in ("rdp", "pld"):
+      raise ValueError(f"accountant must be rdp or pld, got {self.accountant!r}")
+    if not (self.epsilon_budget >= 0 and math.isfinite(self.epsilon_budget)):
+      raise ValueError(f"epsilon_budget must be a finite number >= 0, got "
+                       f"{self.epsilon_budget!r}")
 
 
 class Experiment(NamedTuple):
-  config: Config
+  """Everything a run needs, as objects; `assemble` builds it, `runner.run_experiment` runs it."""
+  config: Config | None                 # the config it was built from; None from `assemble`
   train: FederatedDataset | ClientSource  # a ClientSource (the open store) under data.stream
   x_test: np.ndarray
   y_test: np.ndarray
@@ -78,8 +208,87 @@ class Experiment(NamedTuple):
   server_optimizer: optax.GradientTransformation
   round_fn: RoundFn
   batching: Batching
-  privacy: PrivacyPlan                 # the primary level: the user level under unit = both
+  privacy: PrivacyPlan | None           # the primary level: the user level under unit = both
   levels: tuple[PrivacyPlan, ...]      # every accounted level (empty without privacy)
+  participation: Participation
+  settings: RunSettings
+
+
+def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[np.ndarray,
+             np.ndarray], aggregator: Aggregator, participation: Participation,
+             settings: RunSettings, *, client_optimizer: optax.GradientTransformation | None = None,
+             client_update: Callable | None = None, example_dp: ExampleDP | None = None,
+             local_steps: int = 10, batch_size: int = 16,
+             server_optimizer: optax.GradientTransformation | None = None,
+             round_wrapper: Callable | None = None, config: Config | None = None) -> Experiment:
+  """The open experiment API: objects in, a runnable `Experiment` out.
+
+  The privacy of the run is read from the objects that run: the user level
+  from `aggregator.privacy` wrapped by `participation`, the example level
+  from `example_dp`. Nothing is typed twice. Run it with
+  `runner.run_experiment(exp, out_dir)` (checkpoints, resume, metrics,
+  budget stop, evaluation).
+
+  Args:
+    model: any `Model` (e.g. `models.from_nnx(...)`).
+    train: the training clients (`FederatedDataset`, or a store's `ClientSource`
+      with settings.data_on_device = False).
+    test: (x_test, y_test) arrays.
+    aggregator: any aggregator: `dp_mean`, `transforms.as_aggregator(chain)`,
+      `adaptive_clip_mean`, `dp_ftrl_aggregator`, `secure.secure_sum`, the
+      distributed-DP and HE aggregators, or `weighted_mean`.
+    participation: `simulation.participation.Full | FixedSize | Poisson |
+      ShuffledEpochs` over `train.num_clients` clients.
+    settings: rounds, seed, evaluation, checkpoints, backend, accounting.
+    client_optimizer: the local optimizer (default SGD at 0.1) when
+      `client_update` is not given.
+    client_update: a ready `make_client_update(...)` (FedProx, ...);
+      with DP-SGD inside clients pass `example_dp` instead.
+    example_dp: DP-SGD inside every client (Poisson batches, accounted).
+    local_steps, batch_size: local steps per round and (expected) batch size.
+    server_optimizer: default FedAvg (SGD at 1.0).
+    round_wrapper: `fn -> fn` applied to the round (e.g. stragglers).
+    config: the Config this was built from, if any.
+
+  Raises:
+    ValueError: inconsistent objects (named), before anything compiles.
+  """
+  if participation.num_clients != train.num_clients:
+    raise ValueError(f"participation.num_clients ({participation.num_clients}) must equal the "
+                     f"training clients ({train.num_clients})")
+  if example_dp is not None and client_update is not None:
+    raise ValueError("pass example_dp or a ready client_update, not both: the example level is "
+                     "accounted from example_dp")
+  if example_dp is not None:
+    if int(np.min(train.client_sizes)) == 0:
+      raise ValueError("example-level DP needs every client to hold at least one example")
+    batching = dp_sgd_batching(train.client_sizes, example_dp.expected_batch_size, local_steps)
+  else:
+    batching = Batching(local_steps, batch_size)
+  if client_update is None:
+    client_update = make_client_update(model, client_optimizer or optax.sgd(0.1), example_dp)
+  server_optimizer = server_optimizer or optax.sgd(1.0)
+  round_fn = build_round(client_update, aggregator, server_optimizer, settings.backend,
+                         settings.client_chunk_size)
+  if round_wrapper is not None:
+    round_fn = round_fn.wrap(round_wrapper)
+  levels = []
+  user = user_plan(aggregator, participation)
+  if user is not None:
+    levels.append(user)
+  if example_dp is not None:
+    levels.append(example_plan(example_dp, train.client_sizes, batching))
+  if not settings.description:
+    # What a resumed run must match: the run's settings and its mechanisms.
+    settings = dataclasses.replace(settings, description={
+        "simulation": {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                       if f.name != "description"},
+        "privacy": {"participation": repr(participation),
+                    "levels": [plan.description for plan in levels]}})
+  x_test, y_test = test
+  return Experiment(config, train, x_test, y_test, model, participation.sampler(settings.seed),
+                    client_update, aggregator, server_optimizer, round_fn, batching,
+                    levels[0] if levels else None, tuple(levels), participation, settings)
 
 
 def make_optimizer(name: str, learning_rate: Any,
@@ -109,12 +318,20 @@ def _model(config: Config, input_shape, num_classes) -> Model:
   return cnn(input_shape, num_classes, conv_impl=config.model.conv_impl)
 
 
-def make_sampler(config: Config, num_clients: int):
-  """The cohort sampler simulation.sampling names, seeded by simulation.seed."""
+def participation_of(config: Config, num_clients: int) -> Participation:
+  """The participation simulation.sampling and cohort_size name (a cohort of all is `Full`)."""
   sim = config.simulation
   if sim.sampling == "poisson":
-    return PoissonSampler(num_clients, sim.cohort_size / num_clients, sim.seed)
-  return FixedSizeSampler(num_clients, sim.cohort_size, sim.seed)
+    return participation_lib.Poisson(num_clients, float(sim.cohort_size))
+  if sim.cohort_size == num_clients:
+    return participation_lib.Full(num_clients)
+  return participation_lib.FixedSize(num_clients, sim.cohort_size,
+                                     account_as_poisson=config.privacy.fixed_as_poisson)
+
+
+def make_sampler(config: Config, num_clients: int):
+  """The cohort sampler of the config's participation, seeded by simulation.seed."""
+  return participation_of(config, num_clients).sampler(config.simulation.seed)
 
 
 def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
@@ -135,75 +352,66 @@ def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
   return Batching(local_steps, capacity, "poisson", float(expected_batch_size), overflow)
 
 
-def _calibrated(round_event, sigma: float, target_epsilon: float, config: Config) -> float:
-  if target_epsilon <= 0:
-    return float(sigma)
-  return float(accounting.calibrate_noise_multiplier(
-      lambda s: dp_accounting.SelfComposedDpEvent(round_event(s), config.simulation.rounds),
-      target_epsilon, config.privacy.delta, config.privacy.accountant))
+def _user_level(config: Config, participation: Participation, sigma: float) -> PrivacyPlan:
+  clip_norm = config.privacy.clip_norm
+  aggregator = dp_mean(clip_norm, sigma, participation.expected_cohort_size)
+  return user_plan(aggregator, participation)._replace(clip_norm=clip_norm,
+                                                       noise_multiplier=float(sigma))
 
 
-def _user_plan(config: Config, train: FederatedDataset | ClientSource, sampler) -> PrivacyPlan:
-  """DP-FedAvg's per-round event, with sigma calibrated to privacy.target_epsilon if set."""
-  privacy, sim = config.privacy, config.simulation
-  full = sim.sampling == "fixed" and sim.cohort_size == train.num_clients
-  sampling = "full" if full else sim.sampling
-  rate = sampler.sampling_rate
-  relation = NEIGHBOURING["user"][sampling]
-  if privacy.fixed_as_poisson:
-    # accounting.user_level_event warns that this is an approximation.
-    relation = (NEIGHBOURING["user"]["poisson"] + " (fixed-size cohorts accounted as Poisson "
-                "sampling: an approximation, not a proof)")
-  # Under add/remove the neighbour may hold one more client: bound its overflow.
-  overflow = (0.0 if sim.sampling != "poisson" else
-              float(poisson_overflow_probability(train.num_clients + 1, rate, sampler.capacity)))
-
-  def round_event(sigma):
-    return accounting.user_level_event(sigma, 1, sampling, train.num_clients,
-                                       sampler.expected_cohort_size,
-                                       fixed_as_poisson=privacy.fixed_as_poisson)
-  sigma = _calibrated(round_event, privacy.noise_multiplier, privacy.target_epsilon, config)
-  return PrivacyPlan("user", privacy.clip_norm, sigma, sampling, float(rate), round_event(sigma),
-                     overflow, relation)
+def _example_level(config: Config, train, batching: Batching, clip_norm: float,
+                   sigma: float) -> PrivacyPlan:
+  return example_plan(ExampleDP(clip_norm, float(sigma), float(config.client.batch_size)),
+                      train.client_sizes, batching)
 
 
-def _example_plan(config: Config, train: FederatedDataset | ClientSource, batching: Batching,
-                  clip_norm: float, noise_multiplier: float, target_epsilon: float
-                  ) -> PrivacyPlan:
-  """DP-SGD's per-round event in every client, sigma calibrated to `target_epsilon` if > 0.
+def _resolved_sigma(make_plan: Callable[[float], PrivacyPlan], sigma: float | None,
+                    target_epsilon: float, config: Config) -> float:
+  """sigma as given, calibrated to target_epsilon when that is set (config.validate forbids both)."""
+  if target_epsilon > 0:
+    return calibrate_mechanism(make_plan, config.simulation.rounds, target_epsilon,
+                               config.privacy.delta, config.privacy.accountant)
+  return float(config_lib.DEFAULT_NOISE_MULTIPLIER if sigma is None else sigma)
 
-  The accountant charges every round to the worst-off example (the smallest
-  client, largest q) as if its client trained every round; this is exact when
-  every client takes part in every round and an upper bound otherwise (no
-  amplification by cohort sampling is claimed).
+
+def privacy_levels(config: Config, train: FederatedDataset | ClientSource,
+                   participation: Participation, batching: Batching
+                   ) -> tuple[PrivacyPlan, ...]:
+  """One PrivacyPlan per accounted level (user first), sigma calibrated where a target is set.
+
+  Each plan is the plan of the mechanism built with the resolved sigma:
+  `dp_mean` under the config's participation, `ExampleDP` in every client.
   """
-  smallest = int(train.client_sizes.min())
-  # The worst-off example lives in the smallest client: its rate q = b / n is largest.
-  rate = min(1.0, config.client.batch_size / smallest)
-  overflow = config.client.local_steps * batching.overflow_probability
-
-  def round_event(sigma):
-    return accounting.example_level_event(sigma, config.client.local_steps, rate)
-  sigma = _calibrated(round_event, noise_multiplier, target_epsilon, config)
-  return PrivacyPlan("example", clip_norm, sigma, "poisson", float(rate), round_event(sigma),
-                     float(overflow), NEIGHBOURING["example"])
-
-
-def privacy_levels(config: Config, train: FederatedDataset | ClientSource, sampler,
-                   batching: Batching) -> tuple[PrivacyPlan, ...]:
-  """One PrivacyPlan per accounted level (user first), sigma calibrated where a target is set."""
   privacy = config.privacy
   levels = []
   if privacy.unit in ("user", "both"):
-    levels.append(_user_plan(config, train, sampler))
-  if privacy.unit == "example":
-    levels.append(_example_plan(config, train, batching, privacy.clip_norm,
-                                privacy.noise_multiplier, privacy.target_epsilon))
-  if privacy.unit == "both":
-    levels.append(_example_plan(config, train, batching, privacy.example_clip_norm,
-                                privacy.example_noise_multiplier,
-                                privacy.example_target_epsilon))
+    make = functools.partial(_user_level, config, participation)
+    levels.append(make(_resolved_sigma(make, privacy.noise_multiplier, privacy.target_epsilon,
+                                       config)))
+  example_clip = privacy.clip_norm if privacy.unit == "example" else privacy.example_clip_norm
+  if privacy.unit in ("example", "both"):
+    sigma, target = ((privacy.noise_multiplier, privacy.target_epsilon)
+                     if privacy.unit == "example" else
+                     (privacy.example_noise_multiplier, privacy.example_target_epsilon))
+    make = functools.partial(_example_level, config, train, batching, example_clip)
+    levels.append(make(_resolved_sigma(make, sigma, target, config)))
   return tuple(levels)
+
+
+def resolved(config: Config, levels: tuple[PrivacyPlan, ...]) -> Config:
+  """The config with each level's noise multiplier set to the sigma the run uses.
+
+  Targets stay as given; config.json records both, so a reader sees what was
+  asked and what ran.
+  """
+  by_unit = {plan.unit: plan.noise_multiplier for plan in levels}
+  privacy = config.privacy
+  if privacy.unit == "both":
+    privacy = dataclasses.replace(privacy, noise_multiplier=by_unit["user"],
+                                  example_noise_multiplier=by_unit["example"])
+  elif privacy.unit != "none":
+    privacy = dataclasses.replace(privacy, noise_multiplier=by_unit[privacy.unit])
+  return dataclasses.replace(config, privacy=privacy)
 
 
 def calibrate(config: Config) -> Config:
@@ -214,17 +422,9 @@ def calibrate(config: Config) -> Config:
   (example_target_epsilon) over simulation.rounds rounds at privacy.delta; the
   targets are set to 0, so building the result does no further calibration.
   """
-  exp = build(config)
-  by_unit = {plan.unit: plan.noise_multiplier for plan in exp.levels}
-  privacy = config.privacy
-  if privacy.unit == "both":
-    privacy = dataclasses.replace(privacy, noise_multiplier=by_unit["user"],
-                                  example_noise_multiplier=by_unit["example"],
-                                  target_epsilon=0.0, example_target_epsilon=0.0)
-  elif privacy.unit != "none":
-    privacy = dataclasses.replace(privacy, noise_multiplier=by_unit[privacy.unit],
-                                  target_epsilon=0.0)
-  return dataclasses.replace(config, privacy=privacy)
+  config = resolved(config, build(config).levels)
+  return dataclasses.replace(config, privacy=dataclasses.replace(
+      config.privacy, target_epsilon=0.0, example_target_epsilon=0.0))
 
 
 class Hyperparameters(NamedTuple):
@@ -260,7 +460,8 @@ class Training(NamedTuple):
   round_fn: RoundFn
 
 
-def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) -> Training:
+def make_training(config: Config, model: Model, participation: Participation,
+                  hp: Hyperparameters) -> Training:
   """Client update, aggregator, server optimizer and round function for `hp`.
 
   Structural choices (optimizers, privacy unit, backend) come from `config`;
@@ -275,7 +476,7 @@ def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) ->
   client_update = make_client_update(model, client_optimizer, example_dp,
                                      proximal_mu=config.client.proximal_mu)
   if privacy.unit in ("user", "both"):
-    aggregator = dp_mean(hp.clip_norm, hp.noise_multiplier, sampler.expected_cohort_size)
+    aggregator = dp_mean(hp.clip_norm, hp.noise_multiplier, participation.expected_cohort_size)
   else:
     # Example level alone: the server's mean is post-processing of DP-SGD outputs.
     aggregator = weighted_mean(privacy.weighting)
@@ -288,8 +489,17 @@ def make_training(config: Config, model: Model, sampler, hp: Hyperparameters) ->
   round_fn = build_round(client_update, aggregator, server_optimizer, sim.backend,
                          sim.client_chunk_size)
   if sim.straggler_fraction > 0:
-    round_fn = with_stragglers(round_fn, sim.straggler_fraction, sim.straggler_policy)
+    round_fn = round_fn.wrap(lambda fn: with_stragglers(fn, sim.straggler_fraction,
+                                                        sim.straggler_policy))
   return Training(client_update, aggregator, server_optimizer, round_fn)
+
+
+def settings_of(config: Config) -> RunSettings:
+  """The `RunSettings` of a config; `description` is the config as a dict."""
+  sim, privacy = config.simulation, config.privacy
+  return RunSettings(sim.rounds, sim.seed, sim.eval_every, sim.checkpoint_every, sim.backend,
+                     sim.client_chunk_size, sim.data_on_device, privacy.delta, privacy.accountant,
+                     privacy.epsilon_budget, config_lib.to_dict(config))
 
 
 def load_store(path: str, stream: bool = False
@@ -320,7 +530,11 @@ def load_store(path: str, stream: bool = False
 
 
 def build(config: Config) -> Experiment:
-  """Builds the experiment; raises ValueError on inconsistent settings, before compiling."""
+  """Builds the experiment a config describes: one way to make the objects `assemble` takes.
+
+  Raises:
+    ValueError: inconsistent settings, before compiling.
+  """
   if config.data.dataset == "store":
     train, x_test, y_test = load_store(config.data.store, config.data.stream)
     # The store fixes the population; checks that depend on it run again.
@@ -331,14 +545,13 @@ def build(config: Config) -> Experiment:
     data = config.data
     train, x_test, y_test = federated_digits(data.num_clients, data.partition,
                                              data.dirichlet_alpha, data.seed, data.test_fraction)
-  sim, privacy = config.simulation, config.privacy
+  privacy = config.privacy
   # A streamed store is scanned once, label blobs only, for the same class count.
   train_max_label = train.max_label() if config.data.stream else train.y.max()
   num_classes = int(max(train_max_label, y_test.max())) + 1
   model = _model(config, train.feature_shape, num_classes)
-  sampler = make_sampler(config, train.num_clients)
-  example_level = privacy.unit in ("example", "both")
-  if example_level:
+  participation = participation_of(config, train.num_clients)
+  if privacy.unit in ("example", "both"):
     if int(train.client_sizes.min()) == 0:
       raise ValueError(f"privacy.unit = {privacy.unit} needs every client to hold at least one "
                        "example")
@@ -346,11 +559,10 @@ def build(config: Config) -> Experiment:
                                config.client.local_steps)
   else:
     batching = Batching(config.client.local_steps, config.client.batch_size)
-  levels = privacy_levels(config, train, sampler, batching)
-  primary = levels[0] if levels else PrivacyPlan(
-      "none", 0.0, 0.0, sampler.name, sampler.sampling_rate, None, 0.0, NEIGHBOURING["none"])
-
-  training = make_training(config, model, sampler, hyperparameters(config, levels))
-  return Experiment(config, train, x_test, y_test, model, sampler, training.client_update,
+  levels = privacy_levels(config, train, participation, batching)
+  config = resolved(config, levels)
+  training = make_training(config, model, participation, hyperparameters(config, levels))
+  return Experiment(config, train, x_test, y_test, model,
+                    participation.sampler(config.simulation.seed), training.client_update,
                     training.aggregator, training.server_optimizer, training.round_fn, batching,
-                    primary, levels)
+                    levels[0] if levels else None, levels, participation, settings_of(config))

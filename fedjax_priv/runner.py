@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from fedjax_priv import checkpoint as ckpt
 from fedjax_priv.algorithms.server import ServerState, server_init
-from fedjax_priv.config import Config, to_dict
+from fedjax_priv.config import Config
 from fedjax_priv.data.device import gather_cohort
 from fedjax_priv.data.packing import CohortData, pack_cohort, pad_population
-from fedjax_priv.experiment import Experiment, PrivacyPlan, build
+from fedjax_priv.experiment import Experiment, PrivacyPlan, RunSettings, build
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.privacy.accounting import PrivacyLedger
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
@@ -92,9 +92,8 @@ class _Trainer:
 
   def __init__(self, exp: Experiment):
     self.exp = exp
-    sim = exp.config.simulation
-    self.on_device = sim.data_on_device
-    self.scan = sim.backend != "loop"
+    self.on_device = exp.settings.data_on_device
+    self.scan = exp.round_fn.traceable
     if self.on_device:
       self.population = jax.device_put(pad_population(exp.train))
       self.gather = jax.jit(gather_cohort)
@@ -129,9 +128,11 @@ class _Trainer:
     return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
 
 
-def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, config: Config) -> dict[str, Any]:
-  epsilon, delta_total = ledger.epsilon(config.privacy.delta, config.privacy.accountant)
+def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, settings: RunSettings
+                  ) -> dict[str, Any]:
+  epsilon, delta_total = ledger.epsilon(settings.delta, settings.accountant)
   return {"unit": plan.unit, "neighbouring_relation": plan.neighbouring,
+          "mechanism": plan.description,
           "clip_norm": plan.clip_norm, "noise_multiplier": plan.noise_multiplier,
           "sampling": plan.sampling, "sampling_rate": plan.sampling_rate,
           "epsilon": epsilon, "delta_total": delta_total, "dp_event": repr(ledger.event)}
@@ -140,18 +141,19 @@ def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, config: Config) -> d
 def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
                     stopped_by_budget: bool) -> dict[str, Any]:
   """The primary level at the top (user level under unit = both); every level in `levels`."""
-  privacy = exp.config.privacy
-  common = {"accountant": privacy.accountant, "delta": privacy.delta,
-            "epsilon_budget": privacy.epsilon_budget or None,
+  settings = exp.settings
+  common = {"accountant": settings.accountant, "delta": settings.delta,
+            "epsilon_budget": settings.epsilon_budget or None,
             "stopped_by_budget": stopped_by_budget}
   if not exp.levels:
-    return {"unit": "none", "neighbouring_relation": exp.privacy.neighbouring, **common,
-            "noise_multiplier": 0.0, "clip_norm": None, "sampling": exp.privacy.sampling,
-            "sampling_rate": exp.privacy.sampling_rate, "epsilon": math.inf,
+    return {"unit": "none", "neighbouring_relation": "no privacy", **common,
+            "noise_multiplier": 0.0, "clip_norm": None, "sampling": exp.participation.name,
+            "sampling_rate": exp.participation.sampling_rate, "epsilon": math.inf,
             "delta_total": None, "dp_event": None, "levels": {}}
-  levels = {plan.unit: _level_report(plan, ledgers[plan.unit], exp.config)
-            for plan in exp.levels}
-  return {**levels[exp.privacy.unit], **common, "unit": privacy.unit, "levels": levels}
+  levels = {plan.unit: _level_report(plan, ledgers[plan.unit], settings) for plan in exp.levels}
+  units = [plan.unit for plan in exp.levels]
+  unit = "both" if len(units) == 2 else units[0]
+  return {**levels[exp.privacy.unit], **common, "unit": unit, "levels": levels}
 
 
 def rounds_within_budget(exp: Experiment, ledgers: dict[str, PrivacyLedger],
@@ -161,12 +163,12 @@ def rounds_within_budget(exp: Experiment, ledgers: dict[str, PrivacyLedger],
   Every level's ledger is asked how many more of its rounds fit; the run
   stops before the round that would take any level past the budget.
   """
-  privacy, total = exp.config.privacy, exp.config.simulation.rounds
-  if privacy.epsilon_budget <= 0 or not exp.levels:
+  settings, total = exp.settings, exp.settings.rounds
+  if settings.epsilon_budget <= 0 or not exp.levels:
     return total
   fits = [ledgers[plan.unit].rounds_within_budget(
-      plan.round_event, privacy.epsilon_budget, privacy.delta, total - rounds_done,
-      privacy.accountant) for plan in exp.levels]
+      plan.event_at, settings.epsilon_budget, settings.delta, total - rounds_done,
+      settings.accountant, first_round=rounds_done) for plan in exp.levels]
   return rounds_done + min(fits)
 
 
@@ -184,8 +186,21 @@ def _json_numbers(tree: Any) -> Any:
 def run(config: Config, out_dir: str | Path, resume: bool = False,
         progress: bool = True) -> dict[str, Any]:
   """Trains, evaluates and checkpoints as `config` says; returns the summary dict."""
-  exp = build(config)
-  sim = config.simulation
+  return run_experiment(build(config), out_dir, resume, progress)
+
+
+def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+  """Runs an `Experiment` (from `experiment.assemble` or `build`); returns the summary dict.
+
+  Rounds run in blocks (many rounds per device call where the backend is
+  traceable and the population lives on the device); each level's ledger
+  records the events the running mechanism reports; evaluation, metrics
+  lines, checkpoints and the budget stop follow `exp.settings`. With
+  `resume`, continues from `out_dir/checkpoint.npz`.
+  """
+  sim = exp.settings
+  description = sim.description
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   log = ckpt.MetricsLog(out / "metrics.jsonl")
@@ -197,7 +212,7 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
   start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0}
   if resume and checkpoint_path.exists():
     state, extra = ckpt.load_checkpoint(checkpoint_path, state)
-    _check_resumable(extra["config"], to_dict(config))
+    _check_resumable(extra["config"], description)
     start, totals = extra["round"], extra["totals"]
     ledgers = {unit: PrivacyLedger.from_state_dict(saved)
                for unit, saved in extra["ledgers"].items()}
@@ -206,14 +221,15 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
     log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
   last_round = rounds_within_budget(exp, ledgers, start)
   if last_round == 0:
-    raise ValueError(f"privacy.epsilon_budget = {config.privacy.epsilon_budget} is exceeded by "
+    raise ValueError(f"privacy.epsilon_budget = {sim.epsilon_budget} is exceeded by "
                      "the first round alone; raise the budget or the noise multiplier")
-  ckpt.write_json(out / "config.json", to_dict(config))
+  ckpt.write_json(out / "config.json", description)
 
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
+  unit = "+".join(plan.unit for plan in exp.levels) or "non-private"
   bar = tqdm(total=last_round, initial=start, disable=not progress, unit="round",
-             desc=f"{config.privacy.unit}-level {sim.backend}")
+             desc=f"{unit} {sim.backend}")
   logged = start  # The last round whose metrics line is written.
 
   def log_evaluation(metrics, cohorts):
@@ -239,8 +255,8 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
       # The ledger is charged before `state` moves on, so no checkpoint can
       # ever hold a state that trained on rounds its ledger lacks.
       for plan in exp.levels:
-        for _ in range(start, end):
-          ledgers[plan.unit].record(plan.round_event, plan.overflow_probability_per_round)
+        for r in range(start, end):
+          ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
       totals["wall"] += times["wall"] - times["compile"]
       totals["compile"] += times["compile"]
       totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
@@ -249,14 +265,14 @@ def run(config: Config, out_dir: str | Path, resume: bool = False,
       if evaluation_due(end):
         log_evaluation(metrics, cohorts)
       if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == last_round:
-        _save(checkpoint_path, state, end, totals, ledgers, config)
+        _save(checkpoint_path, state, end, totals, ledgers, description)
   except KeyboardInterrupt:
     # A block cut short had donated the state it started from; otherwise the
     # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
       if evaluation_due(start):
         log_evaluation(metrics, cohorts)
-      _save(checkpoint_path, state, start, totals, ledgers, config)
+      _save(checkpoint_path, state, start, totals, ledgers, description)
     raise
   finally:
     bar.close()
@@ -287,18 +303,18 @@ def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, to
   for name, values in metrics.items():
     summed = name in ("nonfinite_clients", "batch_overflow")
     record[name] = float(np.sum(values) if summed else np.mean(values))
-  privacy = exp.config.privacy
+  settings = exp.settings
   for plan in exp.levels:
-    epsilon, delta_total = ledgers[plan.unit].epsilon(privacy.delta, privacy.accountant)
+    epsilon, delta_total = ledgers[plan.unit].epsilon(settings.delta, settings.accountant)
     # The primary level keeps the plain names; the example level under unit = both is prefixed.
     prefix = "" if plan.unit == exp.privacy.unit else f"{plan.unit}_"
     record.update({f"{prefix}epsilon": _json_number(epsilon), f"{prefix}delta_total": delta_total})
   return record
 
 
-def _save(path, state, round_index, totals, ledgers, config: Config) -> None:
+def _save(path, state, round_index, totals, ledgers, description: dict) -> None:
   ckpt.save_checkpoint(path, state, {
-      "round": round_index, "totals": totals, "config": to_dict(config),
+      "round": round_index, "totals": totals, "config": description,
       "ledgers": {unit: ledger.state_dict() for unit, ledger in ledgers.items()}})
 
 

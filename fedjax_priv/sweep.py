@@ -15,6 +15,7 @@ exactly as `runner.run` would report for the same config.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import time
@@ -30,7 +31,7 @@ from fedjax_priv import config as config_lib
 from fedjax_priv.config import Config, ConfigError
 from fedjax_priv.data.packing import pad_population
 from fedjax_priv.experiment import (Hyperparameters, build, hyperparameters, make_sampler,
-                                    privacy_levels)
+                                    make_training, privacy_levels)
 from fedjax_priv.privacy.accounting import PrivacyLedger
 from fedjax_priv.runner import make_evaluator
 from fedjax_priv.simulation.sweep import make_sweep_program
@@ -75,14 +76,11 @@ def parse_grid(texts: Sequence[str]) -> dict[str, list[Any]]:
 def _with(config: Config, values: dict[str, Any]) -> Config:
   """`config` with `values` set, validated as a whole (errors name the key)."""
   raw = config_lib.to_dict(config)
-  for key, value in values.items():
-    if key.count(".") != 1:
-      raise ConfigError(f"grid key must look like section.name, got {key!r}")
-    section, name = key.split(".")
-    if section not in raw or name not in raw[section]:
+  for key in values:
+    section, _, name = key.partition(".")
+    if key.count(".") != 1 or section not in raw or name not in raw[section]:
       raise ConfigError(f"unknown config key '{key}' in the sweep grid")
-    raw[section][name] = value
-  return config_lib.from_dict(raw)
+  return config_lib.from_dict(config_lib.with_values(raw, values))
 
 
 def _stack(points: list[Hyperparameters]) -> Hyperparameters:
@@ -107,12 +105,12 @@ def _privacy_columns(config: Config, levels, known: dict) -> dict[str, Any]:
   privacy = config.privacy
   columns: dict[str, Any] = {"delta": privacy.delta if levels else None}
   for i, plan in enumerate(levels):
-    question = (plan.round_event, plan.overflow_probability_per_round, config.simulation.rounds,
-                privacy.delta, privacy.accountant)
+    question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
+                config.simulation.rounds, privacy.delta, privacy.accountant)
     if question not in known:
       ledger = PrivacyLedger()
-      for _ in range(config.simulation.rounds):
-        ledger.record(plan.round_event, plan.overflow_probability_per_round)
+      for r in range(config.simulation.rounds):
+        ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
       known[question] = ledger.epsilon(privacy.delta, privacy.accountant)
     epsilon, delta_total = known[question]
     prefix = "" if i == 0 else f"{plan.unit}_"
@@ -164,14 +162,15 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
     population = jax.device_put(pad_population(exp.train))
     points, seeds, indices, masks, privacy = [], [], [], [], []
     for run_config in configs[i]:
-      levels = privacy_levels(run_config, exp.train, exp.sampler, exp.batching)
+      levels = privacy_levels(run_config, exp.train, exp.participation, exp.batching)
       points.append(hyperparameters(run_config, levels))
       seeds.append(run_config.simulation.seed)
       cohort_indices, cohort_masks = _cohorts(run_config, exp.train.num_clients)
       indices.append(cohort_indices)
       masks.append(cohort_masks)
       privacy.append(_privacy_columns(run_config, levels, known_epsilons))
-    program = jax.jit(make_sweep_program(exp, make_evaluator(exp), max_parallel))
+    training = functools.partial(make_training, base, exp.model, exp.participation)
+    program = jax.jit(make_sweep_program(exp, training, make_evaluator(exp), max_parallel))
     args = (_stack(points), jnp.asarray(seeds, jnp.int32), population, np.stack(indices),
             np.stack(masks))
     tic = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 import optax
@@ -64,6 +65,18 @@ class ExampleDP(NamedTuple):
   expected_batch_size: float
   clipping: str = "auto"
   batch_buckets: tuple[int, ...] = ()
+
+  def step_event(self, num_examples: int) -> dp_accounting.DpEvent:
+    """The DpEvent of one DP-SGD step in a client of `num_examples` (public) examples.
+
+    Each example joins the step's Poisson batch with q = min(1, b / n); the
+    clipped sum moves by <= C when one example is added or removed, and its
+    noise has std sigma C (Abadi et al. 2016). Relation: add/remove one
+    example of one client.
+    """
+    rate = min(1.0, float(self.expected_batch_size) / num_examples)
+    gaussian = dp_accounting.GaussianDpEvent(float(self.noise_multiplier))
+    return gaussian if rate == 1 else dp_accounting.PoissonSampledDpEvent(rate, gaussian)
 
 
 class ClientMetrics(NamedTuple):

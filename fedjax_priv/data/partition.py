@@ -15,11 +15,11 @@ import numbers
 
 import numpy as np
 
-from fedjax_priv.data.checks import check_int
+from fedjax_priv.checks import check_int
 
 
 def _check_num_clients(num_clients, num_examples: int) -> int:
-  num_clients = check_int(num_clients, "num_clients", 1)
+  num_clients = check_int("num_clients", num_clients, 1)
   # More clients than examples would leave some clients empty, and an empty
   # "real" client silently changes cohort statistics downstream.
   if num_clients > num_examples:
@@ -51,7 +51,7 @@ def iid_partition(
   Raises:
     ValueError: If ``num_examples`` or ``num_clients`` is not a valid integer.
   """
-  num_examples = check_int(num_examples, "num_examples", 1)
+  num_examples = check_int("num_examples", num_examples, 1)
   num_clients = _check_num_clients(num_clients, num_examples)
   shuffled = rng.permutation(num_examples).astype(np.int64)
   bounds = np.cumsum(_balanced_sizes(num_examples, num_clients))[:-1]

@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from fedjax_priv.data import synthetic
-from fedjax_priv.data.checks import check_int, check_scale
+from fedjax_priv.checks import check_int, check_non_negative
 
 
 @runtime_checkable
@@ -104,14 +104,14 @@ class GeneratedPopulation:
                iid: bool = False, dimension: int = synthetic.DIMENSION,
                num_classes: int = synthetic.NUM_CLASSES, min_examples: int = 10,
                max_examples: int = 64):
-    self._num_clients = check_int(num_clients, "num_clients", 1)
-    self.seed = check_int(seed, "seed", 0)
-    self.alpha = check_scale(alpha, "alpha")
-    self.beta = check_scale(beta, "beta")
-    self.dimension = check_int(dimension, "dimension", 1)
-    self.num_classes = check_int(num_classes, "num_classes", 1)
-    min_examples = check_int(min_examples, "min_examples", 1)
-    max_examples = check_int(max_examples, "max_examples", min_examples)
+    self._num_clients = check_int("num_clients", num_clients, 1)
+    self.seed = check_int("seed", seed, 0)
+    self.alpha = check_non_negative("alpha", alpha)
+    self.beta = check_non_negative("beta", beta)
+    self.dimension = check_int("dimension", dimension, 1)
+    self.num_classes = check_int("num_classes", num_classes, 1)
+    min_examples = check_int("min_examples", min_examples, 1)
+    max_examples = check_int("max_examples", max_examples, min_examples)
     # A generator's first N draws do not depend on how many follow, so
     # client i's size is the same in every population with this seed.
     spread = np.random.default_rng([self.seed, 0]).lognormal(math.log(min_examples), 1.0,

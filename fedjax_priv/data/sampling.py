@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.stats
 
-from fedjax_priv.data.checks import check_int
+from fedjax_priv.checks import check_int
 
 
 class Cohort(NamedTuple):
@@ -80,7 +80,7 @@ def _padded_cohort(chosen: np.ndarray, capacity: int, overflow: int) -> Cohort:
 
 
 def _round_rng(seed: int, round_index) -> np.random.Generator:
-  round_index = check_int(round_index, "round_index", 0)
+  round_index = check_int("round_index", round_index, 0)
   return np.random.default_rng([seed, round_index])
 
 
@@ -98,9 +98,9 @@ def poisson_overflow_probability(num_clients: int, sampling_rate: float, capacit
   Raises:
     ValueError: If an argument is out of range.
   """
-  num_clients = check_int(num_clients, "num_clients", 1)
+  num_clients = check_int("num_clients", num_clients, 1)
   sampling_rate = _check_sampling_rate(sampling_rate)
-  capacity = check_int(capacity, "capacity", 0)
+  capacity = check_int("capacity", capacity, 0)
   if capacity >= num_clients:
     return 0.0
   return float(scipy.stats.binom.sf(capacity, num_clients, sampling_rate))
@@ -121,7 +121,7 @@ def poisson_capacity(num_clients: int, sampling_rate: float, overflow_probabilit
   Raises:
     ValueError: If an argument is out of range.
   """
-  num_clients = check_int(num_clients, "num_clients", 1)
+  num_clients = check_int("num_clients", num_clients, 1)
   sampling_rate = _check_sampling_rate(sampling_rate)
   if (
       not isinstance(overflow_probability, numbers.Real)
@@ -161,9 +161,9 @@ def poisson_batch_buckets(num_examples: int, sampling_rate: float, capacity: int
   Returns:
     Strictly increasing sizes, each below ``capacity`` (possibly none).
   """
-  num_examples = check_int(num_examples, "num_examples", 1)
+  num_examples = check_int("num_examples", num_examples, 1)
   sampling_rate = _check_sampling_rate(sampling_rate)
-  capacity = check_int(capacity, "capacity", 1)
+  capacity = check_int("capacity", capacity, 1)
   if not quantiles or any(not 0 < p < 1 for p in quantiles) or list(quantiles) != sorted(quantiles):
     raise ValueError(f"quantiles must be increasing values in (0, 1), got {quantiles!r}")
   sizes = {max(1, int(scipy.stats.binom.ppf(p, num_examples, sampling_rate))) for p in quantiles}
@@ -196,13 +196,13 @@ class FixedSizeSampler:
     Raises:
       ValueError: If an argument is out of range.
     """
-    self.num_clients = check_int(num_clients, "num_clients", 1)
-    self.cohort_size = check_int(cohort_size, "cohort_size", 1)
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.cohort_size = check_int("cohort_size", cohort_size, 1)
     if self.cohort_size > self.num_clients:
       raise ValueError(
           f"cohort_size must be <= num_clients ({self.num_clients}), got {self.cohort_size}"
       )
-    self.seed = check_int(seed, "seed", 0)
+    self.seed = check_int("seed", seed, 0)
     self.capacity = self.cohort_size
     self.expected_cohort_size = float(self.cohort_size)
     self.sampling_rate = self.cohort_size / self.num_clients
@@ -276,9 +276,9 @@ class PoissonSampler:
     Raises:
       ValueError: If an argument is out of range.
     """
-    self.num_clients = check_int(num_clients, "num_clients", 1)
+    self.num_clients = check_int("num_clients", num_clients, 1)
     self.sampling_rate = _check_sampling_rate(sampling_rate)
-    self.seed = check_int(seed, "seed", 0)
+    self.seed = check_int("seed", seed, 0)
     if capacity is None:
       # A zero-slot cohort would compile a degenerate round; one slot
       # only lowers the overflow probability further.
@@ -287,7 +287,7 @@ class PoissonSampler:
           poisson_capacity(self.num_clients + 1, self.sampling_rate, overflow_probability),
       )
     else:
-      capacity = check_int(capacity, "capacity", 1)
+      capacity = check_int("capacity", capacity, 1)
       if capacity > self.num_clients + 1:
         raise ValueError(
             f"capacity must be <= num_clients + 1 ({self.num_clients + 1}), got {capacity}")
@@ -329,3 +329,29 @@ class PoissonSampler:
     num_kept = min(num_sampled, self.capacity)
     chosen = rng.choice(self.num_clients, size=num_kept, replace=False)
     return _padded_cohort(chosen, self.capacity, overflow=num_sampled - num_kept)
+
+
+class ShuffledEpochSampler:
+  """Epoch e is a permutation of the clients (seeded by (seed, e)) cut into cohorts of K.
+
+  An epoch has N // K rounds; the N mod K clients left over sit the epoch out.
+  Deterministic per (seed, round), so a resumed run draws the same cohorts.
+  """
+  name = "shuffled_epochs"
+
+  def __init__(self, num_clients: int, cohort_size: int, seed: int):
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.cohort_size = check_int("cohort_size", cohort_size, 1)
+    if self.cohort_size > self.num_clients:
+      raise ValueError(f"cohort_size ({cohort_size}) must be <= num_clients ({num_clients})")
+    self.seed = check_int("seed", seed, 0)
+    self.capacity = self.cohort_size
+    self.expected_cohort_size = float(self.cohort_size)
+    self.sampling_rate = self.cohort_size / self.num_clients
+    self.rounds_per_epoch = self.num_clients // self.cohort_size
+
+  def sample(self, round_index: int) -> Cohort:
+    epoch, position = divmod(check_int("round_index", round_index, 0), self.rounds_per_epoch)
+    order = _round_rng(self.seed, epoch).permutation(self.num_clients)
+    chosen = order[position * self.cohort_size:(position + 1) * self.cohort_size]
+    return _padded_cohort(chosen, self.capacity, overflow=0)

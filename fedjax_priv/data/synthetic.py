@@ -35,7 +35,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fedjax_priv.data.checks import check_scale
+from fedjax_priv.checks import check_non_negative
 from fedjax_priv.data.federated import FederatedDataset
 
 DIMENSION = 60
@@ -78,8 +78,8 @@ def synthetic_clients(
   Raises:
     ValueError: If an argument is out of range.
   """
-  alpha = check_scale(alpha, "alpha")
-  beta = check_scale(beta, "beta")
+  alpha = check_non_negative("alpha", alpha)
+  beta = check_non_negative("beta", beta)
   num_clients = _check_positive_int(num_clients, "num_clients")
   dimension = _check_positive_int(dimension, "dimension")
   num_classes = _check_positive_int(num_classes, "num_classes")

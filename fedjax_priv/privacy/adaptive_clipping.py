@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.aggregation import Aggregator
+from fedjax_priv.privacy.aggregation import Aggregator, gaussian_sum_privacy
 from fedjax_priv.privacy.clipping import clip_by_l2_norm
 from fedjax_priv.privacy.noise import gaussian_like
 
@@ -154,4 +154,6 @@ def adaptive_clip_mean(noise_multiplier: float, expected_cohort_size: float, *,
              "noise_stddev": delta_multiplier * clip_norm / expected_cohort_size}
     return update, AdaptiveClipState(new_clip.astype(jnp.float32)), stats
 
-  return Aggregator(init, prepare, finalize)
+  return Aggregator(init, prepare, finalize, privacy=gaussian_sum_privacy(
+      noise_multiplier, f"adaptive_clip_mean(noise_multiplier={noise_multiplier}, "
+      f"target_quantile={target_quantile})"))

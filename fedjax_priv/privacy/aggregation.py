@@ -25,8 +25,10 @@ aggregator learns across rounds (an adaptive clip norm, a DP-FTRL tree).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 
@@ -76,13 +78,81 @@ def _no_state(params: Any) -> tuple:
   return ()
 
 
+NeighboringRelation = dp_accounting.NeighboringRelation
+ADD_OR_REMOVE, REPLACE_ONE, ZERO_OUT = (NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                        NeighboringRelation.REPLACE_ONE,
+                                        NeighboringRelation.REPLACE_SPECIAL)
+
+
+class RoundPrivacy(NamedTuple):
+  """What one round of a mechanism releases about one user who takes part in it.
+
+  A mechanism states this once, from its own parameters; a participation
+  object (`simulation.participation`) wraps it into the round's event with
+  its sampling, and the ledger records that. No noise multiplier, clip norm
+  or cohort size is typed a second time.
+
+  Attributes:
+    event: relation -> the DpEvent of one round whose sum contains the user's
+      contribution, before any sampling, with noise multipliers relative to
+      the sensitivity under that relation. Raises ValueError for a relation
+      not in `relations`.
+    relations: the neighbouring relations `event` is stated for, preferred
+      first: add/remove one user, zero-out (replace the user's contribution
+      by the zero contribution, `REPLACE_SPECIAL`), replace one user.
+    amplified_by_sampling: False when whoever sees the output also learns who
+      took part (local DP: the server sees each upload), so sampling gives
+      no amplification.
+    rounds_per_event: 1; or E when `event` covers E consecutive rounds in
+      which the user takes part at most once (a DP-FTRL tree of E leaves).
+    description: one line naming the mechanism and its parameters.
+  """
+  event: Callable[[NeighboringRelation], dp_accounting.DpEvent]
+  relations: tuple[NeighboringRelation, ...]
+  amplified_by_sampling: bool = True
+  rounds_per_event: int = 1
+  description: str = ""
+
+
+def gaussian_sum_privacy(noise_multiplier: float, description: str) -> RoundPrivacy:
+  """The Gaussian mechanism on a sum of contributions clipped to norm C, noise std sigma C.
+
+  Adding, removing or zeroing out one contribution moves the sum by <= C, so
+  the event's multiplier is sigma; replacing it by another moves the sum by
+  <= 2C, so the replace-one multiplier is sigma / 2 (Dwork & Roth 2014,
+  Sec. 3.5.3).
+  """
+
+  def event(relation):
+    check_relation(relation, (ADD_OR_REMOVE, ZERO_OUT, REPLACE_ONE))
+    factor = 2.0 if relation == REPLACE_ONE else 1.0
+    return dp_accounting.GaussianDpEvent(float(noise_multiplier) / factor)
+
+  return RoundPrivacy(event, (ADD_OR_REMOVE, ZERO_OUT, REPLACE_ONE), description=description)
+
+
+def check_relation(relation, supported) -> None:
+  if relation not in supported:
+    names = ", ".join(r.name for r in supported)
+    raise ValueError(f"this mechanism is accounted under {names}, not {relation!r}")
+
+
 class Aggregator(NamedTuple):
-  """Pure functions that turn client deltas into a server update; see the module docstring."""
+  """Pure functions that turn client deltas into a server update; see the module docstring.
+
+  `privacy` is the mechanism's own statement of what one round releases
+  (None: no guarantee, e.g. the FedAvg mean or a secure sum without noise).
+  `sums_nonfinite_as_zero`: a client whose update is not finite still
+  enters the sum, with a zero update; distributed-DP aggregators need it,
+  because each client's contribution carries its share of the noise.
+  """
   init: Callable
   prepare: Callable
   finalize: Callable
   group_sum: Callable = tree_util.weighted_sum
   combine: Callable = tree_util.add
+  privacy: RoundPrivacy | None = None
+  sums_nonfinite_as_zero: bool = False
 
 
 def weighted_mean(weighting: str = "num_examples") -> Aggregator:
@@ -159,4 +229,14 @@ def dp_mean(clip_norm: float, noise_multiplier: float, expected_cohort_size: flo
     return update, state, {"noise_stddev": jnp.float32(
         noise_multiplier * clip_norm / expected_cohort_size)}
 
-  return Aggregator(_no_state, clipping_prepare(clip_norm), finalize)
+  return Aggregator(_no_state, clipping_prepare(clip_norm), finalize,
+                    privacy=_dp_mean_privacy(clip_norm, noise_multiplier))
+
+
+def _dp_mean_privacy(clip_norm: Any, noise_multiplier: Any) -> RoundPrivacy:
+  # Traced values (inside a sweep's vmap) are accounted from the host's copy.
+  concrete = tree_util.is_concrete_number(noise_multiplier)
+  return gaussian_sum_privacy(
+      noise_multiplier if concrete else math.nan,
+      f"dp_mean(clip_norm={clip_norm}, noise_multiplier={noise_multiplier})" if concrete else
+      "dp_mean (traced hyper-parameters)")

@@ -22,7 +22,7 @@ unit of the audited claim (one example for example-level DP, one user's whole
 dataset for user-level DP); the bound then lower-bounds the eps of that claim.
 
 This module is pure statistics (numpy/scipy): it knows nothing of rounds,
-models or datasets. `fedjax_priv.simulation.audit` plants the canaries and
+models or datasets. `fedjax_priv.canary_audit` plants the canaries and
 scores them.
 
 References:

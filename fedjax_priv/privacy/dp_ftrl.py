@@ -45,11 +45,13 @@ from __future__ import annotations
 import numbers
 from typing import Any, NamedTuple
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.aggregation import Aggregator, clipping_prepare
+from fedjax_priv.privacy.aggregation import (ZERO_OUT, Aggregator, RoundPrivacy, check_relation,
+                                             clipping_prepare)
 from fedjax_priv.privacy.noise import gaussian_like
 
 
@@ -134,4 +136,12 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, expected_cohor
              "noise_stddev": node_stddev * jnp.sqrt(tree_nodes) / expected_cohort_size}
     return update, TreeState(jnp.where(restart, 0, t).astype(jnp.int32), nodes), stats
 
-  return Aggregator(init, clipping_prepare(clip_norm), finalize)
+  def event(relation):
+    check_relation(relation, (ZERO_OUT,))
+    return dp_accounting.SingleEpochTreeAggregationDpEvent(float(noise_multiplier), restart_every)
+
+  privacy = RoundPrivacy(
+      event, (ZERO_OUT,), rounds_per_event=restart_every,
+      description=f"dp_ftrl(clip_norm={clip_norm}, noise_multiplier={noise_multiplier}, "
+      f"restart_every={restart_every})")
+  return Aggregator(init, clipping_prepare(clip_norm), finalize, privacy=privacy)

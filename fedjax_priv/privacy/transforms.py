@@ -65,8 +65,9 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.accounting import check_positive
-from fedjax_priv.privacy.aggregation import Aggregator
+from fedjax_priv.checks import check_positive
+from fedjax_priv.privacy.aggregation import (ADD_OR_REMOVE, REPLACE_ONE, ZERO_OUT, Aggregator,
+                                             RoundPrivacy, check_relation)
 from fedjax_priv.privacy.clipping import clip_by_l2_norm, clip_factor
 from fedjax_priv.privacy.noise import gaussian_like, laplace_like
 
@@ -650,4 +651,51 @@ def as_aggregator(chain_: Chain) -> Aggregator:
     stats = {"noise_stddev": jnp.float32(noise_std)} if math.isfinite(noise_std) else {}
     return update, state, stats
 
-  return Aggregator(chain_.init, prepare, finalize)
+  return Aggregator(chain_.init, prepare, finalize, privacy=chain_privacy(chain_))
+
+
+def _rescaled(event: dp_accounting.DpEvent, ratio: float) -> dp_accounting.DpEvent:
+  """`event` with every Gaussian and Laplace multiplier times `ratio`."""
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    return dp_accounting.GaussianDpEvent(event.noise_multiplier * ratio)
+  if isinstance(event, dp_accounting.LaplaceDpEvent):
+    return dp_accounting.LaplaceDpEvent(event.parameter * ratio)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return dp_accounting.ComposedDpEvent([_rescaled(e, ratio) for e in event.events])
+  return event
+
+
+def chain_privacy(chain_: Chain) -> RoundPrivacy | None:
+  """The chain's `RoundPrivacy`: its noise events, under each relation they can be stated in.
+
+  A chain with central noise only (after `sum_units()`) is built for one
+  relation, but the same noise protects the others: its multipliers are
+  relative to the tracked sensitivity, which scales with how far one unit
+  moves the sum (C for add/remove and zero-out, 2C for replace-one), so the
+  event under another relation rescales them by the ratio. A chain with
+  local noise (before the sum) is stated under replace-one only and is not
+  amplified by sampling: the server sees each noised upload. None when no
+  stage adds noise (nothing private is released).
+
+  Args:
+    chain_: a Chain.
+  """
+  own = chain_.dp_event
+  if isinstance(own, dp_accounting.NonPrivateDpEvent):
+    return None
+  local = not isinstance(chain_.local_dp_event, dp_accounting.NonPrivateDpEvent)
+  description = f"chain of {len(chain_.transforms)} stages ({chain_.relation.name})"
+  if local:
+    def local_event(relation):
+      check_relation(relation, (REPLACE_ONE,))
+      return own
+    return RoundPrivacy(local_event, (REPLACE_ONE,), amplified_by_sampling=False,
+                        description=description)
+  moves = {ADD_OR_REMOVE: 1.0, ZERO_OUT: 1.0, REPLACE_ONE: 2.0}
+  relations = (chain_.relation,) + tuple(r for r in moves if r != chain_.relation)
+
+  def event(relation):
+    check_relation(relation, relations)
+    return _rescaled(own, moves[chain_.relation] / moves[relation])
+
+  return RoundPrivacy(event, relations, description=description)

@@ -30,15 +30,20 @@ sensitivity from C / gamma to `DistributedDPConfig.l2_sensitivity`
 values, so the epsilon is that of what runs.
 
 Neighbouring relation: replace one user's update by nothing while the
-cohort (and so the number of noise shares, n) is unchanged: the "zero-out"
+cohort (and so the number of noise shares) is unchanged: the "zero-out"
 relation, `dp_accounting.NeighboringRelation.REPLACE_SPECIAL`. User level.
 The integer sum then moves by one rounded update, of L2 norm <= Delta_2 and
 L1 norm <= Delta_1. Poisson subsampling of users is composed with the general
 bound of Zhu & Wang (2019, Thm. 5), which holds for this relation as for
-add/remove. With Poisson cohorts the number of noise shares is random: the
-accountants assume `num_clients` shares every round and the aggregators
-report the realised `noise_shares`; a round with fewer shares had less noise
-than accounted.
+add/remove. The number of shares that reach the sum can vary (Poisson
+cohorts, dropouts): the accounting holds for a guaranteed minimum
+`DistributedDPConfig.min_shares`, and a round with fewer shares fails
+(`distributed_dp_accounting` has the argument). A client whose update is not
+finite still sends its noise share, with a zero update.
+
+The pieces: `integer_samplers` (noise), `distributed_dp_config` (the scales),
+`distributed_dp_accounting` (RDP curves, events, ε); this module has the
+client encoding and the aggregators, and re-exports the rest.
 
 What is simulated: the integer arithmetic exactly (rounding, noise, wrap-around
 mod 2^b). The pairwise masks of SecAgg cancel in the modular sum and are not
@@ -63,495 +68,35 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
-import numpy as np
-from scipy import special
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy import accounting
 from fedjax_priv.privacy.aggregation import Aggregator
 from fedjax_priv.privacy.clipping import clip_by_l2_norm
 from fedjax_priv.secure import quantization
+from fedjax_priv.secure.distributed_dp_accounting import (NOISE_KINDS, ddg_epsilon, ddg_rdp,
+                                                          ddg_tau, min_shares_for, round_event,
+                                                          round_privacy, skellam_epsilon,
+                                                          skellam_rdp)
+from fedjax_priv.secure.distributed_dp_config import DistributedDPConfig
+from fedjax_priv.secure.integer_samplers import (MAX_SAMPLER_ROUNDS, discrete_gaussian, poisson,
+                                              skellam)
 
-# Rejection samplers run at most this many vectorised rounds. The discrete
-# Gaussian sampler accepts a candidate with probability >= 0.44 for every
-# sigma > 0 (checked on a grid in the tests), so a coordinate is still
-# unaccepted after 128 rounds with probability <= 0.56^128 < 1e-32; PTRS
-# accepts with probability >= 0.8, so the bound is far smaller there. An
-# unaccepted coordinate gets 0 noise; its probability is an extra delta
-# (at most d * 1e-32 per client and round), negligible next to any delta used.
-MAX_SAMPLER_ROUNDS = 128
-
-# PTRS is valid for lam >= 10; below, jax.random.poisson's inversion sampler
-# is exact. Above ~1e6, jax.random.poisson's float32 log-density cancels
-# catastrophically (its sample variance is off by several percent), hence
-# our own PTRS with a cancellation-free acceptance test.
-_PTRS_MIN_LAM = 10.0
+__all__ = [
+    "MAX_SAMPLER_ROUNDS", "NOISE_KINDS", "DistributedDPConfig", "DistributedDPState",
+    "conditional_stochastic_round", "ddg_epsilon", "ddg_rdp", "ddg_tau", "decode_sum",
+    "discrete_gaussian", "distributed_discrete_gaussian_mean", "encode_client", "integer_noise",
+    "min_shares_for", "poisson", "round_event", "round_privacy", "shares_guard", "skellam",
+    "skellam_epsilon", "skellam_mean", "skellam_rdp",
+]
 
 # Fold-in tags: the rotation key is derived from the round key shared by the
 # cohort (the server needs it to rotate back); rounding and noise keys from
 # the client's private key.
 _ROTATION_TAG, _ROUNDING_TAG, _NOISE_TAG = 0x0D0, 0x0D1, 0x0D2
-
-
-# --------------------------------------------------------------------------
-# Samplers.
-
-
-def discrete_gaussian(key: jax.Array, sigma: float, shape: Sequence[int]) -> jax.Array:
-  """Independent draws from the discrete Gaussian N_Z(0, sigma^2).
-
-  P[X = x] is proportional to exp(-x^2 / (2 sigma^2)) on the integers. Its
-  variance is slightly below sigma^2 for sigma < 1 and equal to it up to
-  ~1e-9 relative error above sigma ~ 1.
-
-  Algorithm 3 of Canonne, Kamath & Steinke (2020): draw Y from the discrete
-  Laplace with scale t = floor(sigma) + 1 (a difference of two geometric
-  variables, each floor(t E) with E ~ Exp(1)) and accept it with probability
-  exp(-(|Y| - sigma^2 / t)^2 / (2 sigma^2)). We chose exact rejection over a
-  truncated inverse CDF because it needs no table (sigma reaches 1e5 at 20
-  bits) and its only error is the failure event, whose probability is
-  bounded (see MAX_SAMPLER_ROUNDS). All coordinates are drawn together in a
-  `lax.while_loop` that stops once every coordinate has accepted (about
-  log(d) / 1.4 rounds), or after MAX_SAMPLER_ROUNDS.
-
-  Args:
-    key: PRNG key.
-    sigma: the scale, a Python float > 0, in integer units. float32 keeps
-      t E exact to ~1e-7 relative, fine up to sigma ~ 1e6.
-    shape: output shape.
-
-  Returns:
-    int32 array of `shape`.
-  """
-  sigma = accounting.check_positive("sigma", sigma)
-  shape = tuple(shape)
-  t = float(math.floor(sigma) + 1)
-  center, two_var = sigma * sigma / t, 2.0 * sigma * sigma
-
-  def propose(round_key):
-    exp_key, accept_key = jax.random.split(round_key)
-    e = jax.random.exponential(exp_key, (2, *shape), jnp.float32)
-    y = jnp.floor(t * e[0]) - jnp.floor(t * e[1])
-    accept = jax.random.uniform(accept_key, shape) < jnp.exp(
-        -jnp.square(jnp.abs(y) - center) / two_var)
-    return y.astype(jnp.int32), accept
-
-  return _rejection_loop(key, shape, propose)
-
-
-def poisson(key: jax.Array, lam: float, shape: Sequence[int]) -> jax.Array:
-  """Independent Poisson(lam) draws, accurate for large lam too.
-
-  For lam < 10 this is `jax.random.poisson`. Above, PTRS (Hoermann 1993) with
-  two changes that keep float32 exact enough at lam up to ~1e7: the proposal
-  is computed as an offset from floor(lam), and the log acceptance ratio
-  -lam + k log lam - log k! is evaluated in the cancellation-free form
-  -lam bd(r) - log(2 pi k) / 2 - stirling(k), r = (k - lam) / lam.
-
-  Args:
-    key: PRNG key.
-    lam: the mean, a Python float >= 0.
-    shape: output shape.
-
-  Returns:
-    int32 array of `shape`.
-  """
-  lam = float(lam)
-  if not (math.isfinite(lam) and 0 <= lam < 2.0**30):
-    raise ValueError(f"lam must be finite and in [0, 2^30), got {lam!r}")
-  shape = tuple(shape)
-  if lam < _PTRS_MIN_LAM:
-    return jax.random.poisson(key, lam, shape, jnp.int32)
-  base, frac = math.floor(lam), lam - math.floor(lam)
-  b = 0.931 + 2.53 * math.sqrt(lam)
-  a = -0.059 + 0.02483 * b
-  log_inv_alpha = math.log(1.1239 + 1.1328 / (b - 3.4))
-  v_r = 0.9277 - 3.6224 / (b - 2)
-
-  def propose(round_key):
-    u_key, v_key = jax.random.split(round_key)
-    u = jax.random.uniform(u_key, shape, jnp.float32, -0.5, 0.5)
-    v = jax.random.uniform(v_key, shape, jnp.float32)
-    us = 0.5 - jnp.abs(u)
-    offset = jnp.floor((2 * a / us + b) * u + (frac + 0.43))  # k - floor(lam)
-    k = offset + base
-    log_ratio = jnp.log(v) + log_inv_alpha - jnp.log(a / jnp.square(us) + b)
-    k_safe = jnp.maximum(k, 1.0)
-    log_pmf = (-lam * _bd((offset - frac) / lam) - 0.5 * jnp.log(2 * math.pi * k_safe)
-               - _stirling_correction(k_safe))
-    # Below k = 10 the Stirling series is inaccurate, but there the direct
-    # form has nothing to cancel.
-    log_pmf = jnp.where(k < 10, -lam + k * math.log(lam) - jax.lax.lgamma(k + 1.0), log_pmf)
-    fast = (us >= 0.07) & (v <= v_r)
-    invalid = (k < 0) | ((us < 0.013) & (v > us))
-    return k.astype(jnp.int32), fast | (~invalid & (log_ratio <= log_pmf))
-
-  return _rejection_loop(key, shape, propose)
-
-
-def skellam(key: jax.Array, variance: float, shape: Sequence[int]) -> jax.Array:
-  """Independent draws from Sk(mu/2, mu/2) = Poisson(mu/2) - Poisson(mu/2), mu = variance.
-
-  Mean 0, variance mu exactly. A sum of independent Skellam variables is
-  Skellam with the variances added, so n clients each adding variance mu / n
-  give the sum exactly Sk with variance mu.
-
-  Args:
-    key: PRNG key.
-    variance: mu, a Python float >= 0, in integer units.
-    shape: output shape.
-
-  Returns:
-    int32 array of `shape`.
-  """
-  variance = float(variance)
-  if not (math.isfinite(variance) and variance >= 0):
-    raise ValueError(f"variance must be finite and >= 0, got {variance!r}")
-  plus_key, minus_key = jax.random.split(key)
-  return poisson(plus_key, variance / 2, shape) - poisson(minus_key, variance / 2, shape)
-
-
-def _rejection_loop(key: jax.Array, shape: tuple, propose: Callable) -> jax.Array:
-  """Keeps each coordinate's first accepted proposal; stops when all have one.
-
-  `propose(round_key) -> (int32 candidates, bool accepted)` for all coordinates.
-  """
-
-  def cond(carry):
-    i, _, done = carry
-    return (i < MAX_SAMPLER_ROUNDS) & ~jnp.all(done)
-
-  def body(carry):
-    i, sample, done = carry
-    candidate, accept = propose(jax.random.fold_in(key, i))
-    return i + 1, jnp.where(accept & ~done, candidate, sample), done | accept
-
-  init = (jnp.int32(0), jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.bool_))
-  return jax.lax.while_loop(cond, body, init)[1]
-
-
-def _bd(r: jax.Array) -> jax.Array:
-  """(1 + r) log(1 + r) - r, without cancellation near r = 0 (series for |r| < 1/4)."""
-  r_small = jnp.clip(r, -0.25, 0.25)
-  series = jnp.zeros_like(r)
-  for j in range(15, 1, -1):  # Horner on sum_{j>=2} (-1)^j r^j / (j (j - 1)).
-    series = (series + (-1.0) ** j / (j * (j - 1))) * r_small
-  series = series * r_small
-  r_big = jnp.maximum(r, -0.999999)
-  direct = (1 + r_big) * jnp.log1p(r_big) - r_big
-  return jnp.where(jnp.abs(r) < 0.25, series, direct)
-
-
-def _stirling_correction(k: jax.Array) -> jax.Array:
-  """log k! - (k log k - k + log(2 pi k) / 2), asymptotic series (error < 1e-9 for k >= 10)."""
-  inv = 1.0 / k
-  inv2 = inv * inv
-  return inv * (1 / 12 - inv2 * (1 / 360 - inv2 / 1260))
-
-
-# --------------------------------------------------------------------------
-# Configuration: one place that derives every scale from the hyper-parameters.
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedDPConfig:
-  """Hyper-parameters of one distributed-DP round and the scales derived from them.
-
-  Attributes:
-    clip_norm: C > 0, L2 clip of each client's delta, in model units.
-    noise_multiplier: z >= 0: the summed noise of `num_clients` shares has
-      per-coordinate std z * C in model units (variance z^2 C^2 / gamma^2 in
-      integer units); 0 adds no noise (epsilon = inf).
-    num_clients: n >= 1, the noise shares per round (the cohort size) and the
-      public denominator of the mean.
-    dim: d >= 1, the number of model parameters.
-    bits: b in [1, 32], the modulus 2^b of secure aggregation.
-    beta: in [0, 1), the conditional-rounding parameter of Kairouz et al.
-      (Thm. 1): rounding is retried until the L2 norm is <= the inflated
-      bound, which each try meets with probability >= 1 - beta. 0 disables
-      the conditioning (bound C / gamma + sqrt(d')). Default exp(-1/2).
-    k_stddevs: k > 0, how many standard deviations of a coordinate of the
-      noisy sum the ring must hold when gamma is derived from `bits`.
-    granularity: gamma > 0, one integer step in model units; None derives
-      it from `bits` (see `gamma`).
-    max_rounding_tries: >= 1, conditional-rounding retries before giving up
-      and sending the zero vector (a legal, norm-0 contribution).
-  """
-  clip_norm: float
-  noise_multiplier: float
-  num_clients: int
-  dim: int
-  bits: int = 16
-  beta: float = math.exp(-0.5)
-  k_stddevs: float = 4.0
-  granularity: float | None = None
-  max_rounding_tries: int = 100
-
-  def __post_init__(self):
-    accounting.check_positive("clip_norm", self.clip_norm)
-    z = self.noise_multiplier
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not (math.isfinite(z) and z >= 0):
-      raise ValueError(f"noise_multiplier must be a finite number >= 0, got {z!r}")
-    for name, minimum in (("num_clients", 1), ("dim", 1), ("max_rounding_tries", 1)):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if (isinstance(self.bits, bool) or not isinstance(self.bits, int)
-        or not 1 <= self.bits <= quantization.MAX_BITS):
-      raise ValueError(f"bits must be an int in [1, {quantization.MAX_BITS}], got {self.bits!r}")
-    if not (isinstance(self.beta, (int, float)) and 0 <= self.beta < 1):
-      raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
-    accounting.check_positive("k_stddevs", self.k_stddevs)
-    if self.granularity is None:
-      if 4.0**self.bits <= self.k_stddevs**2 * self.num_clients:
-        raise ValueError(
-            f"bits={self.bits} is too small for num_clients={self.num_clients} and "
-            f"k_stddevs={self.k_stddevs}: the rounding noise alone overflows 2^bits; "
-            "raise bits or set granularity")
-    else:
-      accounting.check_positive("granularity", self.granularity)
-
-  @property
-  def padded_dim(self) -> int:
-    """d' = the power of two >= dim that the rotation works in; noise is added to d' coordinates."""
-    return quantization.padded_dim(self.dim)
-
-  @functools.cached_property
-  def gamma(self) -> float:
-    """Granularity: one integer step, in model units.
-
-    Unless given, the gamma of Kairouz et al. (Sec. 4.4) solving
-    2^b = 2 k sqrt(C^2 n^2 / d' + n (gamma^2 / 4 + sigma_local^2)) / gamma,
-    where sigma_local^2 n = z^2 C^2: k standard deviations of a rotated
-    coordinate of the sum (signal at its worst, n aligned clients; rounding
-    error; noise) span the ring.
-    """
-    if self.granularity is not None:
-      return float(self.granularity)
-    c, n, k = self.clip_norm, self.num_clients, self.k_stddevs
-    signal_and_noise = c * c * n * n / self.padded_dim + (self.noise_multiplier * c) ** 2
-    return 2 * k * math.sqrt(signal_and_noise) / math.sqrt(4.0**self.bits - k * k * n)
-
-  @property
-  def local_stddev(self) -> float:
-    """Per-client noise scale in integer units: z C / (gamma sqrt(n))."""
-    return self.noise_multiplier * self.clip_norm / (self.gamma * math.sqrt(self.num_clients))
-
-  @functools.cached_property
-  def l2_sensitivity(self) -> float:
-    """Delta_2: L2 bound of one client's rounded vector, in integer units.
-
-    Kairouz et al. (Thm. 1, conditional randomized rounding): with c = C /
-    gamma, min{c + sqrt(d'), sqrt(c^2 + d'/4 + sqrt(2 ln(1/beta)) (c +
-    sqrt(d')/2))}; the first bound holds for any stochastic rounding, the
-    second is what conditioning on the norm enforces.
-    """
-    c, d = self.clip_norm / self.gamma, self.padded_dim
-    bound = c + math.sqrt(d)
-    if self.beta > 0:
-      squared = c * c + d / 4 + math.sqrt(2 * math.log(1 / self.beta)) * (c + math.sqrt(d) / 2)
-      bound = min(bound, math.sqrt(squared))
-    return bound
-
-  @property
-  def l1_sensitivity(self) -> float:
-    """Delta_1 = Delta_2 min(sqrt(d'), Delta_2): L1 <= sqrt(d') L2, and L1 <= L2^2 on integers."""
-    return self.l2_sensitivity * min(math.sqrt(self.padded_dim), self.l2_sensitivity)
-
-
-# --------------------------------------------------------------------------
-# Accounting (host side, numpy).
-
-# The bounds below are stated for integer orders (and Zhu & Wang's subsampling
-# bound needs them), so we keep the integer orders of the package default.
-INTEGER_RDP_ORDERS: tuple[int, ...] = tuple(
-    int(o) for o in accounting.DEFAULT_RDP_ORDERS if float(o).is_integer())
-
-
-def ddg_tau(local_stddev: float, num_clients: int) -> float:
-  """tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 s^2 k / (k + 1)) (Kairouz et al., Thm. 1).
-
-  The distance, in the RDP bound, between a sum of n N_Z(0, s^2) and one
-  N_Z(0, n s^2); it is ~1e-8 already at s = 1 for any n.
-  """
-  k = np.arange(1, num_clients, dtype=np.float64)
-  return float(10 * np.sum(np.exp(-2 * math.pi**2 * local_stddev**2 * k / (k + 1))))
-
-
-def ddg_rdp(config: DistributedDPConfig, orders: Sequence[float]) -> np.ndarray:
-  """RDP of one round of the distributed discrete Gaussian, full participation.
-
-  Kairouz et al. (Prop. 14; Thm. 1 is its concentrated-DP corollary): with
-  n clients each adding N_Z(0, s^2), s >= 1/2, d' coordinates, tau =
-  `ddg_tau`, a2 = Delta_2 / (sqrt(n) s), a1 = Delta_1 / (sqrt(n) s):
-
-    eps(alpha) = min{ alpha a2^2 / 2 + tau d',
-                      alpha (a2^2 + 2 a1 tau + tau^2 d') / 2,
-                      alpha (a2 + tau sqrt(d'))^2 / 2 }.
-
-  Args:
-    config: the mechanism; Delta_1, Delta_2 are its rounding-inflated
-      sensitivities.
-    orders: RDP orders > 1.
-
-  Returns:
-    float64[len(orders)]; +inf everywhere when noise_multiplier is 0.
-
-  Raises:
-    ValueError: the local scale s is below 1/2, where the bound is not proven.
-  """
-  orders = np.asarray(orders, np.float64)
-  if config.noise_multiplier == 0:
-    return np.full(orders.shape, np.inf)
-  s, n, d = config.local_stddev, config.num_clients, config.padded_dim
-  if s < 0.5:
-    raise ValueError(
-        f"the per-client discrete Gaussian scale must be >= 1/2 integer steps for the DDG "
-        f"bound, got {s:.4g} (noise_multiplier={config.noise_multiplier}, gamma="
-        f"{config.gamma:.4g}); raise noise_multiplier or bits")
-  tau = ddg_tau(s, n)
-  a2 = config.l2_sensitivity / (math.sqrt(n) * s)
-  a1 = config.l1_sensitivity / (math.sqrt(n) * s)
-  return np.minimum.reduce([
-      orders * a2**2 / 2 + tau * d,
-      orders * (a2**2 + 2 * a1 * tau + tau**2 * d) / 2,
-      orders * (a2 + tau * math.sqrt(d)) ** 2 / 2,
-  ])
-
-
-def skellam_rdp(config: DistributedDPConfig, orders: Sequence[float]) -> np.ndarray:
-  """RDP of one round of the distributed Skellam mechanism, full participation.
-
-  Agarwal, Kairouz & Liu (2021, multi-dimensional Skellam, Thm. 3.5): with
-  the summed noise Sk of variance mu = z^2 C^2 / gamma^2 per coordinate,
-
-    eps(alpha) = alpha Delta_2^2 / (2 mu)
-                 + min{ ((2 alpha - 1) Delta_2^2 + 6 Delta_1) / (4 mu^2),
-                        3 Delta_1 / (2 mu) }.
-
-  Args:
-    config: the mechanism; Delta_1, Delta_2 are its rounding-inflated
-      sensitivities.
-    orders: integer RDP orders > 1.
-
-  Returns:
-    float64[len(orders)]; +inf everywhere when noise_multiplier is 0.
-  """
-  orders = np.asarray(orders, np.float64)
-  if config.noise_multiplier == 0:
-    return np.full(orders.shape, np.inf)
-  mu = config.num_clients * config.local_stddev**2
-  l1, l2 = config.l1_sensitivity, config.l2_sensitivity
-  return orders * l2**2 / (2 * mu) + np.minimum(
-      ((2 * orders - 1) * l2**2 + 6 * l1) / (4 * mu**2), 3 * l1 / (2 * mu))
-
-
-def poisson_subsampled_rdp(base_rdp: Callable[[np.ndarray], np.ndarray],
-                           sampling_probability: float, orders: Sequence[int]) -> np.ndarray:
-  """RDP of a mechanism run on a Poisson subsample (Zhu & Wang 2019, Thm. 5).
-
-  For integer alpha >= 2, with q the sampling probability and eps the base
-  mechanism's RDP:
-
-    (alpha - 1) eps'(alpha) <= log[ (1-q)^(alpha-1) (alpha q - q + 1)
-        + C(alpha, 2) q^2 (1-q)^(alpha-2) e^eps(2)
-        + 3 sum_{l=3}^{alpha} C(alpha, l) q^l (1-q)^(alpha-l) e^((l-1) eps(l)) ].
-
-  The subsampled mechanism is never worse than the base one (Renyi
-  divergence is jointly quasi-convex), so the minimum of the two is returned.
-
-  Args:
-    base_rdp: integer orders -> RDP of the base mechanism.
-    sampling_probability: q in (0, 1].
-    orders: integer orders >= 2.
-
-  Returns:
-    float64[len(orders)].
-  """
-  orders = np.asarray(orders)
-  if np.any(orders < 2) or np.any(orders != np.round(orders)):
-    raise ValueError(f"orders must be integers >= 2, got {orders.tolist()!r}")
-  orders = orders.astype(np.int64)
-  base = np.asarray(base_rdp(orders), np.float64)
-  q = sampling_probability
-  if q == 1:
-    return base
-  # eps(l) for every integer l up to the largest order, indexed by l.
-  eps = np.concatenate([[0.0, 0.0], np.asarray(base_rdp(np.arange(2, orders.max() + 1)),
-                                              np.float64)])
-  log_q, log_1mq = math.log(q), math.log1p(-q)
-  out = np.empty(len(orders))
-  for i, alpha in enumerate(orders):
-    l = np.arange(3, alpha + 1)
-    log_terms = np.concatenate([
-        [(alpha - 1) * log_1mq + math.log1p((alpha - 1) * q),
-         _log_comb(alpha, 2) + 2 * log_q + (alpha - 2) * log_1mq + eps[2]],
-        math.log(3) + _log_comb(alpha, l) + l * log_q + (alpha - l) * log_1mq
-        + (l - 1) * eps[l]])
-    out[i] = special.logsumexp(log_terms) / (alpha - 1)
-  return np.minimum(out, base)
-
-
-def _log_comb(n, k):
-  return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
-
-
-def _epsilon(base_rdp: Callable, rounds: int, delta: float, sampling_probability: float,
-             orders: Sequence[int] | None) -> float:
-  rounds = accounting.check_int("rounds", rounds, 0)
-  delta = accounting.check_delta(delta)
-  q = accounting.check_probability("sampling_probability", sampling_probability,
-                                    allow_zero=False)
-  if rounds == 0:
-    return 0.0
-  orders = INTEGER_RDP_ORDERS if orders is None else tuple(orders)
-  rdp = rounds * poisson_subsampled_rdp(base_rdp, q, orders)
-  return float(dp_accounting.rdp.compute_epsilon(orders, rdp, delta)[0])
-
-
-def ddg_epsilon(config: DistributedDPConfig, rounds: int, delta: float,
-                sampling_probability: float = 1.0, orders: Sequence[int] | None = None) -> float:
-  """epsilon of `rounds` rounds of `distributed_discrete_gaussian_mean(config)`.
-
-  Composes `ddg_rdp` over rounds, amplified by Poisson sampling of users with
-  probability q (`poisson_subsampled_rdp`; q = 1: every user every round),
-  and converts RDP to (epsilon, delta) with `dp_accounting`'s conversion
-  (Canonne, Kamath & Steinke 2020, Prop. 12). Relation: zero-out one user
-  (module docstring).
-
-  Args:
-    config: the mechanism.
-    rounds: >= 0.
-    delta: in (0, 1).
-    sampling_probability: q in (0, 1].
-    orders: integer RDP orders >= 2; default `INTEGER_RDP_ORDERS`.
-
-  Returns:
-    epsilon >= 0 (inf without noise).
-  """
-  return _epsilon(functools.partial(ddg_rdp, config), rounds, delta, sampling_probability,
-                  orders)
-
-
-def skellam_epsilon(config: DistributedDPConfig, rounds: int, delta: float,
-                    sampling_probability: float = 1.0,
-                    orders: Sequence[int] | None = None) -> float:
-  """epsilon of `rounds` rounds of `skellam_mean(config)`; arguments as `ddg_epsilon`."""
-  return _epsilon(functools.partial(skellam_rdp, config), rounds, delta, sampling_probability,
-                  orders)
-
-
-# --------------------------------------------------------------------------
-# Client encoding and aggregators.
-
 
 def conditional_stochastic_round(x: jax.Array, key: jax.Array, norm: float, bound: float,
                                  max_tries: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -612,9 +157,6 @@ def _shape_template(params: Any) -> Any:
 def _unravel_like(shapes: Any) -> Callable:
   _, unravel = quantization.ravel(jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), shapes))
   return unravel
-
-
-NOISE_KINDS = ("discrete_gaussian", "skellam")
 
 
 def integer_noise(config: DistributedDPConfig,
@@ -726,16 +268,34 @@ def _distributed_mean(config: DistributedDPConfig, kind: str) -> Aggregator:
     wrapped, exact = total
     flat = decode_sum(config, quantization.unwrap(wrapped, bits), ctx.round_key)
     update = tree_util.scale(_unravel_like(state.shapes)(flat), 1.0 / n)
-    shares = jnp.sum(ctx.included)
+    update, guard_stats = shares_guard(config, update, ctx)
+    shares = guard_stats["noise_shares"]
     overflow = (exact >= half_range) | (exact < -half_range)
-    stats = {"noise_shares": shares,
+    stats = {**guard_stats,
              "noise_stddev": jnp.sqrt(shares) * config.local_stddev * config.gamma / n,
              "modular_overflow": jnp.any(overflow).astype(jnp.float32),
              "overflow_fraction": jnp.mean(overflow.astype(jnp.float32)),
              "range_used": quantization.range_used(exact, bits)}
     return update, state, stats
 
-  return Aggregator(init, prepare, finalize, group_sum, combine)
+  return Aggregator(init, prepare, finalize, group_sum, combine,
+                    privacy=round_privacy(config, kind), sums_nonfinite_as_zero=True)
+
+
+def shares_guard(config: DistributedDPConfig, update: Any, ctx) -> tuple[Any, dict]:
+  """Fails the round (zero update) when fewer than `config.guaranteed_shares` shares entered.
+
+  The accounting holds for at least that many shares of noise; a round with
+  fewer would have had less noise than accounted, so nothing of it is used.
+
+  Returns:
+    (the update, or zeros; stats noise_shares and shares_short (1.0 when the
+    round failed)).
+  """
+  shares = jnp.sum(ctx.included)
+  short = shares < config.guaranteed_shares
+  update = jax.tree.map(lambda leaf: jnp.where(short, jnp.zeros_like(leaf), leaf), update)
+  return update, {"noise_shares": shares, "shares_short": short.astype(jnp.float32)}
 
 
 def distributed_discrete_gaussian_mean(config: DistributedDPConfig) -> Aggregator:
@@ -756,7 +316,8 @@ def distributed_discrete_gaussian_mean(config: DistributedDPConfig) -> Aggregato
   Returns:
     An Aggregator for `build_round`. Per client (averaged): the stats of
     `encode_client`. Per round: noise_shares (clients whose noise entered the
-    sum), noise_stddev (model units, of the update), modular_overflow (1.0 if
+    sum), shares_short (1.0: fewer than config.guaranteed_shares, the round
+    failed and its update is zero), noise_stddev (model units, of the update), modular_overflow (1.0 if
     any coordinate wrapped), overflow_fraction, range_used (max |exact sum| /
     2^(b-1)).
 

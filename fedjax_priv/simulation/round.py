@@ -34,6 +34,7 @@ their old state. `build_round` is the same machinery with an empty state.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -48,8 +49,31 @@ from fedjax_priv.privacy.aggregation import Aggregator, ClientContext, RoundCont
 
 BACKENDS = ("vmap", "chunked", "loop")
 
-RoundFn = Callable[[ServerState, ClientBatch, jax.Array], tuple[ServerState, dict]]
 StatefulRoundFn = Callable[..., tuple[ServerState, Any, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundFn:
+  """`round_fn(state, batch, key) -> (new_state, metrics)`, and whether it may be traced.
+
+  Attributes:
+    fn: the round.
+    traceable: True for the `vmap` and `chunked` backends, whose round is a
+      pure function to jit, vmap or scan over rounds; False for `loop`, whose
+      round is a host function that jits per client and must be called
+      eagerly.
+  """
+  fn: Callable[[ServerState, ClientBatch, jax.Array], tuple[ServerState, dict]]
+  traceable: bool
+
+  def __call__(self, state: ServerState, batch: ClientBatch, key: jax.Array):
+    return self.fn(state, batch, key)
+
+  def wrap(self, wrapper: Callable) -> RoundFn:
+    """`wrapper(self.fn)` as a RoundFn that keeps `traceable`."""
+    return RoundFn(wrapper(self.fn), self.traceable)
+
+
 # (server_state, client_state, x, y, mask, key) -> (delta, new_client_state, ClientMetrics)
 StatefulClientUpdate = Callable[..., tuple]
 
@@ -76,15 +100,18 @@ def per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
     ctx = ClientContext(slot, agg_key, round_key, cohort_mask)
     prepared, weight, stats = aggregator.prepare(state.aggregator_state, delta, num_examples, ctx)
     keep = client_mask * finite.astype(jnp.float32)
+    # A distributed-DP client with a non-finite update still sends its noise
+    # share (with the zero update above); any other one is left out.
+    enters = client_mask if aggregator.sums_nonfinite_as_zero else keep
     # jnp.where, not a product: 0 * NaN is NaN and would poison the sums.
     scalars = {name: jnp.where(keep > 0, value, 0.0) for name, value in
                {"loss_sum": metrics.loss_sum, "examples_seen": metrics.examples_seen,
                 **stats}.items()}
     scalars.update(clients=keep, nonfinite_clients=client_mask * (1.0 - finite),
-                   weight=weight * keep)
-    # Only a contribution that entered the sum may advance the client's state,
-    # so the server's view (e.g. SCAFFOLD's c, built from the summed dc_i)
-    # never drifts from the states the clients keep.
+                   weight=weight * enters)
+    # Only a finite contribution that entered the sum may advance the
+    # client's state, so the server's view (e.g. SCAFFOLD's c, built from the
+    # summed dc_i) never drifts from the states the clients keep.
     new_client_state = tree_util.select(weight * keep > 0, new_client_state, client_state)
     return prepared, scalars, new_client_state
 
@@ -230,9 +257,9 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
       slots to a multiple of the chunk.
 
   Returns:
-    For "vmap" and "chunked" a pure function to be jitted (or scanned over
-    rounds) by the caller; for "loop" a host function that jits per client and
-    must not itself be traced.
+    A `RoundFn`: for "vmap" and "chunked" a pure function to be jitted (or
+    scanned over rounds) by the caller (`traceable`); for "loop" a host
+    function that jits per client and must not itself be traced.
   """
   stateful = build_stateful_round(stateless_update(client_update), aggregator, server_optimizer,
                                   backend, client_chunk_size)
@@ -243,7 +270,7 @@ def build_round(client_update: ClientUpdate, aggregator: Aggregator,
     state, _, metrics = stateful(state, (), batch, no_ids, key)
     return state, metrics
 
-  return round_fn
+  return RoundFn(round_fn, traceable=backend != "loop")
 
 
 def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggregator,

@@ -21,12 +21,15 @@ from fedjax_priv.data.packing import CohortData
 from fedjax_priv.simulation.program import rounds_on_device
 
 
-def make_sweep_program(exp, evaluator: Callable, max_parallel: int | None = None) -> Callable:
+def make_sweep_program(exp, make_training: Callable, evaluator: Callable,
+                       max_parallel: int | None = None) -> Callable:
   """`(hp [G], seeds [G], population, indices [G, R, K], masks [G, R, K]) -> metrics [G]`.
 
   Args:
     exp: the `Experiment` whose structure (model, sampler, batching, privacy
       unit, optimizers, backend) every run shares.
+    make_training: `hp -> Training` (round function and server optimizer)
+      for one run's hyper-parameters, traced under the vmap.
     evaluator: `params -> (accuracy, loss)` on the test set, traceable.
     max_parallel: None vmaps all G runs at once; n >= 1 vmaps n runs at a
       time and scans over the groups (`jax.lax.map` with batch_size n), still
@@ -41,13 +44,10 @@ def make_sweep_program(exp, evaluator: Callable, max_parallel: int | None = None
     test_accuracy, test_loss, and the mean over rounds of train_loss,
     clipped_fraction (when the aggregator clips) and nonfinite_clients.
   """
-  # Imported here: experiment imports the simulation package.
-  from fedjax_priv.experiment import make_training
-
-  config, rounds = exp.config, exp.config.simulation.rounds
+  rounds = exp.settings.rounds
 
   def one_run(hp, seed, population: CohortData, indices, masks):
-    training = make_training(config, exp.model, exp.sampler, hp)
+    training = make_training(hp)
     init_key, rounds_key = jax.random.split(jax.random.key(seed))
     state = server_init(exp.model.init(init_key), training.server_optimizer, training.aggregator)
     keys = jax.vmap(lambda r: jax.random.fold_in(rounds_key, r))(jnp.arange(rounds))

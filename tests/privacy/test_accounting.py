@@ -15,6 +15,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import optimize, special
 
 from fedjax_priv.privacy import accounting
+from fedjax_priv.privacy import ledger as ledger_lib
 
 def analytic_gaussian_epsilon(sigma, delta):
   """Exact ε of the Gaussian mechanism, sensitivity 1, noise std σ.
@@ -510,8 +511,8 @@ def test_ledger_serialises_tree_events():
 
 def test_ledger_epsilon_is_computed_once_per_state(monkeypatch):
   calls = []
-  real = accounting.compute_epsilon
-  monkeypatch.setattr(accounting, "compute_epsilon",
+  real = ledger_lib.compute_epsilon
+  monkeypatch.setattr(ledger_lib, "compute_epsilon",
                       lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
   ledger = accounting.PrivacyLedger()
   ledger.record(dp_accounting.GaussianDpEvent(2.0), 1e-9)

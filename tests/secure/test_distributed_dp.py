@@ -192,23 +192,23 @@ def test_subsampled_rdp_matches_zhu_wang():
 
   q = 0.05
   orders = [2, 3, 5, 12]
-  got = ddp.poisson_subsampled_rdp(base, q, orders)
+  got = accounting.poisson_subsampled_rdp(base, q, orders)
   for alpha, value in zip(orders, got):
     total = (1 - q) ** (alpha - 1) * (alpha * q - q + 1)
     total += math.comb(alpha, 2) * q**2 * (1 - q) ** (alpha - 2) * math.exp(base(2))
     total += 3 * sum(math.comb(alpha, l) * (1 - q) ** (alpha - l) * q**l
                      * math.exp((l - 1) * base(l)) for l in range(3, alpha + 1))
     assert value == pytest.approx(min(math.log(total) / (alpha - 1), base(alpha)), rel=1e-10)
-  np.testing.assert_array_equal(ddp.poisson_subsampled_rdp(base, 1.0, orders), base(orders))
+  np.testing.assert_array_equal(accounting.poisson_subsampled_rdp(base, 1.0, orders), base(orders))
 
 
 def test_epsilon_is_the_rdp_conversion():
   """epsilon = min over orders of rdp + log(1 - 1/a) - log(delta a) / (a - 1) (CKS Prop. 12)."""
   rounds, delta = 30, 1e-6
   for eps_fn, rdp_fn in ((ddp.ddg_epsilon, ddp.ddg_rdp), (ddp.skellam_epsilon, ddp.skellam_rdp)):
-    rdp = rounds * rdp_fn(SMALL_SCALE, ddp.INTEGER_RDP_ORDERS)
+    rdp = rounds * rdp_fn(SMALL_SCALE, accounting.INTEGER_RDP_ORDERS)
     expected = min(r + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
-                   for a, r in zip(ddp.INTEGER_RDP_ORDERS, rdp))
+                   for a, r in zip(accounting.INTEGER_RDP_ORDERS, rdp))
     assert eps_fn(SMALL_SCALE, rounds, delta) == pytest.approx(expected, rel=1e-10)
   assert ddp.ddg_epsilon(SMALL_SCALE, 0, delta) == 0.0
   no_noise = ddp.DistributedDPConfig(2.0, 0.0, 5, 40)
@@ -217,7 +217,7 @@ def test_epsilon_is_the_rdp_conversion():
 
 def test_epsilon_approaches_the_gaussian_as_bits_grow():
   """More bits -> finer gamma -> less rounding inflation -> the continuous Gaussian's epsilon."""
-  orders = ddp.INTEGER_RDP_ORDERS
+  orders = accounting.INTEGER_RDP_ORDERS
   gaussian = accounting.compute_epsilon(dp_accounting.GaussianDpEvent(1.2), 1e-5, orders=orders)
   for eps_fn in (ddp.ddg_epsilon, ddp.skellam_epsilon):
     eps = [eps_fn(ddp.DistributedDPConfig(1.0, 1.2, 50, 1000, bits=b), 1, 1e-5)
@@ -278,7 +278,9 @@ def make_batch(seed, num_real=K):
 
 @functools.cache
 def get_round(kind, backend, bits=16, noise=1.0, granularity=None):
-  config = ddp.DistributedDPConfig(CLIP, noise, K, DIM, bits=bits, granularity=granularity)
+  # Rounds with one empty slot still sum enough shares.
+  config = ddp.DistributedDPConfig(CLIP, noise, K, DIM, bits=bits, granularity=granularity,
+                                   min_shares=K - 1)
   if kind == "dp_mean":
     aggregator = dp_mean(CLIP, 0.0, float(K))
   elif kind == "ddg":

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.aggregation import Aggregator
+from fedjax_priv.privacy.aggregation import Aggregator, gaussian_sum_privacy
 from fedjax_priv.privacy.clipping import clip_by_l2_norm
 from fedjax_priv.privacy.noise import gaussian_like
 from fedjax_priv.secure import distributed_dp as ddp
@@ -70,7 +70,8 @@ class HeState(NamedTuple):
 
 def _encrypted_mean(template: Any, params: he_params.RlweParams, message_dim: int, encode,
                     decode, *, max_clients: int, key: jax.Array, num_key_holders: int,
-                    statistical_bits: int) -> Aggregator:
+                    statistical_bits: int, privacy=None,
+                    sums_nonfinite_as_zero: bool = False) -> Aggregator:
   """The encrypted pipeline around an integer encoding of the client deltas.
 
   Args:
@@ -80,6 +81,7 @@ def _encrypted_mean(template: Any, params: he_params.RlweParams, message_dim: in
     encode: `(delta, key, round_key) -> (int32[m], stats)`, per client.
     decode: `(int32[m] centred sum, RoundContext) -> (update pytree, stats)`.
     max_clients, key, num_key_holders, statistical_bits: as in `he_mean`.
+    privacy, sums_nonfinite_as_zero: the Aggregator's fields.
 
   Returns:
     An Aggregator whose finalize also reports ciphertext_bytes (per client)
@@ -129,7 +131,8 @@ def _encrypted_mean(template: Any, params: he_params.RlweParams, message_dim: in
                  expansion=jnp.float32(ct_bytes / (4 * dim)))
     return update, state, stats
 
-  return Aggregator(init, prepare, finalize, group_sum, combine)
+  return Aggregator(init, prepare, finalize, group_sum, combine, privacy=privacy,
+                    sums_nonfinite_as_zero=sums_nonfinite_as_zero)
 
 
 def _unravel(template: Any):
@@ -198,8 +201,14 @@ def he_mean(template: Any, params: he_params.RlweParams, *, clip_norm: float, sc
     update = tree_util.scale(update, 1.0 / expected_cohort_size)
     return update, {"noise_stddev": jnp.float32(noise_stddev / expected_cohort_size)}
 
+  # Noise of std sigma (C + sqrt(d) / scale) on a sum that one user moves by at
+  # most C plus its rounding error sqrt(d) / scale: the Gaussian mechanism.
+  privacy = None if noise_multiplier == 0 else gaussian_sum_privacy(
+      noise_multiplier, f"he_mean(clip_norm={clip_norm}, scale={scale}, "
+      f"noise_multiplier={noise_multiplier})")
   return _encrypted_mean(template, params, dim, encode, decode, max_clients=max_clients, key=key,
-                         num_key_holders=num_key_holders, statistical_bits=statistical_bits)
+                         num_key_holders=num_key_holders, statistical_bits=statistical_bits,
+                         privacy=privacy)
 
 
 def he_distributed_mean(template: Any, params: he_params.RlweParams,
@@ -254,9 +263,12 @@ def he_distributed_mean(template: Any, params: he_params.RlweParams,
 
   def decode(summed, ctx):
     update = tree_util.scale(unravel(ddp.decode_sum(config, summed, ctx.round_key)), 1.0 / n)
+    update, guard_stats = ddp.shares_guard(config, update, ctx)
     range_used = jnp.max(jnp.abs(summed)).astype(jnp.float32) / (params.t / 2)
-    return update, {"noise_stddev": jnp.float32(noise_stddev), "range_used": range_used}
+    return update, {"noise_stddev": jnp.float32(noise_stddev), "range_used": range_used,
+                    **guard_stats}
 
   return _encrypted_mean(template, params, config.padded_dim, encode, decode,
                          max_clients=max_clients, key=key, num_key_holders=num_key_holders,
-                         statistical_bits=statistical_bits)
+                         statistical_bits=statistical_bits,
+                         privacy=ddp.round_privacy(config, noise), sums_nonfinite_as_zero=True)

@@ -1,4 +1,4 @@
-"""Tests of fedjax_priv.simulation.audit: canaries, the observed deltas and the audit end to end.
+"""Tests of fedjax_priv.canary_audit: canaries, the observed deltas and the audit end to end.
 
 Two reduced audited runs (3 digit hospitals, logistic regression, q = 1
 full-batch DP-GD, 10 rounds, 200 canaries) are shared by the tests: one with
@@ -17,7 +17,7 @@ from fedjax_priv.data import FederatedDataset
 from fedjax_priv.data.sampling import PoissonSampler
 from fedjax_priv.models.model import example_losses
 from fedjax_priv.models.zoo import logistic_regression
-from fedjax_priv.simulation import audit
+from fedjax_priv import canary_audit
 
 NUM_CANARIES = 200
 ROUNDS = 10
@@ -49,13 +49,13 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 @pytest.fixture(scope="module")
 def noisy():
-  return audit.run_canary_audit(config_lib.from_dict(SMALL), NUM_CANARIES, seed=0,
+  return canary_audit.run_canary_audit(config_lib.from_dict(SMALL), NUM_CANARIES, seed=0,
                                 compiler_options=FAST_COMPILE)
 
 
 @pytest.fixture(scope="module")
 def noise_off():
-  return audit.run_canary_audit(config_lib.from_dict(NOISE_OFF), NUM_CANARIES, seed=0,
+  return canary_audit.run_canary_audit(config_lib.from_dict(NOISE_OFF), NUM_CANARIES, seed=0,
                                 compiler_options=FAST_COMPILE)
 
 
@@ -91,7 +91,7 @@ def test_noise_off_scores_are_the_clipped_canary_steps(noise_off):
 
 def test_canary_gradient_is_a_fixed_clippable_direction():
   base = logistic_regression((2, 2, 1), 4)
-  model = audit.canary_model(base, 3, clip_norm=0.5)
+  model = canary_audit.canary_model(base, 3, clip_norm=0.5)
   assert model.input_shape == (2, 2, 2)
   params = model.init(jax.random.key(0))
   # Training state must not matter: move the canary parameters off zero.
@@ -120,7 +120,7 @@ def test_canary_gradient_is_a_fixed_clippable_direction():
 def test_plant_canaries_appends_members_to_their_owner():
   x = np.arange(10 * 4, dtype=np.float32).reshape(10, 2, 2, 1)
   train = FederatedDataset(x, np.arange(10) % 3, np.array([0, 4, 4, 10]), ("a", "b", "c"))
-  planted = audit.plant_canaries(train, 60, np.random.default_rng(3))
+  planted = canary_audit.plant_canaries(train, 60, np.random.default_rng(3))
   new = planted.train
   assert new.feature_shape == (2, 2, 2) and new.client_ids == train.client_ids
   np.testing.assert_array_equal(planted.owner, np.arange(60) % 3)
@@ -152,6 +152,6 @@ def test_plant_canaries_appends_members_to_their_owner():
 ])
 def test_bad_input_fails_before_compiling(change, count, match):
   with pytest.raises(ValueError, match=match):
-    audit.run_canary_audit(change(config_lib.from_dict(SMALL)), count)
+    canary_audit.run_canary_audit(change(config_lib.from_dict(SMALL)), count)
   with pytest.raises(ValueError, match="confidence"):
-    audit.run_canary_audit(config_lib.from_dict(SMALL), 100, confidence=1.0)
+    canary_audit.run_canary_audit(config_lib.from_dict(SMALL), 100, confidence=1.0)
