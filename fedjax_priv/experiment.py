@@ -238,7 +238,7 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
       `adaptive_clip_mean`, `dp_ftrl_aggregator`, `secure.secure_sum`, the
       distributed-DP and HE aggregators, or `weighted_mean`.
     participation: `simulation.participation.Full | FixedSize | Poisson |
-      ShuffledEpochs` over `train.num_clients` clients.
+      ShuffledEpochs | Cyclic` over `train.num_clients` clients.
     settings: rounds, seed, evaluation, checkpoints, backend, accounting.
     client_optimizer: the local optimizer (default SGD at 0.1) when
       `client_update` is not given.
@@ -275,6 +275,8 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
   levels = []
   user = user_plan(aggregator, participation)
   if user is not None:
+    # Refuses now, not mid-run, a run longer than a whole-run mechanism (MF) covers.
+    user.event_at(settings.rounds - 1)
     levels.append(user)
   if example_dp is not None:
     levels.append(example_plan(example_dp, train.client_sizes, batching))

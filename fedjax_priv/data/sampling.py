@@ -355,3 +355,33 @@ class ShuffledEpochSampler:
     order = _round_rng(self.seed, epoch).permutation(self.num_clients)
     chosen = order[position * self.cohort_size:(position + 1) * self.cohort_size]
     return _padded_cohort(chosen, self.capacity, overflow=0)
+
+
+class CyclicSampler:
+  """A fixed seeded partition of the clients into N // K groups of K; round r uses group r mod (N // K).
+
+  Each client is in one group, so it takes part exactly every N // K rounds
+  (the N mod K clients left over never take part): the (k, b)-participation
+  of matrix-factorization mechanisms with b = N // K (Choquette-Choo et al.
+  2023, "Multi-Epoch Matrix Factorization Mechanisms"). The partition is
+  drawn once from ``default_rng([seed])`` and the cohort depends on nothing
+  but (seed, round), so a resumed run draws the same cohorts.
+  """
+  name = "cyclic"
+
+  def __init__(self, num_clients: int, cohort_size: int, seed: int):
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.cohort_size = check_int("cohort_size", cohort_size, 1)
+    if self.cohort_size > self.num_clients:
+      raise ValueError(f"cohort_size ({cohort_size}) must be <= num_clients ({num_clients})")
+    self.seed = check_int("seed", seed, 0)
+    self.capacity = self.cohort_size
+    self.expected_cohort_size = float(self.cohort_size)
+    self.sampling_rate = self.cohort_size / self.num_clients
+    self.num_groups = self.num_clients // self.cohort_size
+    order = np.random.default_rng([self.seed]).permutation(self.num_clients)
+    self._groups = order[:self.num_groups * self.cohort_size].reshape(self.num_groups, -1)
+
+  def sample(self, round_index: int) -> Cohort:
+    group = check_int("round_index", round_index, 0) % self.num_groups
+    return _padded_cohort(self._groups[group], self.capacity, overflow=0)

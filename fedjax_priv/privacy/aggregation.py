@@ -104,7 +104,13 @@ class RoundPrivacy(NamedTuple):
       took part (local DP: the server sees each upload), so sampling gives
       no amplification.
     rounds_per_event: 1; or E when `event` covers E consecutive rounds in
-      which the user takes part at most once (a DP-FTRL tree of E leaves).
+      which the user takes part at most once (a DP-FTRL tree of E leaves),
+      or in the pattern `participation` allows.
+    participation: None (at most one participation per event); or (k, b)
+      when `event` covers the `rounds_per_event` rounds of a whole run in
+      which a user may take part up to k times, any two at least b rounds
+      apart (a matrix-factorization mechanism, `mf_aggregator`). Only a
+      participation that guarantees such a pattern (`Cyclic`) may run it.
     description: one line naming the mechanism and its parameters.
   """
   event: Callable[[NeighboringRelation], dp_accounting.DpEvent]
@@ -112,6 +118,7 @@ class RoundPrivacy(NamedTuple):
   amplified_by_sampling: bool = True
   rounds_per_event: int = 1
   description: str = ""
+  participation: tuple[int, int] | None = None
 
 
 def gaussian_sum_privacy(noise_multiplier: float, description: str) -> RoundPrivacy:

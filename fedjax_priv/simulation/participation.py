@@ -12,17 +12,23 @@ round of the run, with the neighbouring relation it holds under:
 | `FixedSize(N, K)` | K of N without replacement | replace one user | `SampledWithoutReplacement(N, K, event)` |
 | `Poisson(N, m)` | each client with q = m / N | add/remove (else zero-out) | `PoissonSampled(q, event)` |
 | `ShuffledEpochs(N, K)` | each epoch a permutation cut into N // K cohorts of K | zero-out | the event once per epoch |
+| `Cyclic(N, K)` | a fixed partition into N // K groups of K, in turn | zero-out | a whole-run (MF) event once; else every round |
 
 Mechanisms whose server sees each upload (local DP) are not amplified: every
 round is charged the mechanism's own event. A mechanism whose event covers
 E rounds (a DP-FTRL tree) needs each user at most once in those E rounds,
-which only `ShuffledEpochs` with epochs of E rounds guarantees.
+which only `ShuffledEpochs` with epochs of E rounds guarantees. A
+matrix-factorization mechanism's event covers the whole run and needs each
+user in at most k rounds, any two at least b apart (`RoundPrivacy.participation`),
+which only `Cyclic` guarantees.
 
 References:
   Mironov, Talwar & Zhang 2019 (Poisson-sampled Gaussian). Wang, Balle &
   Kasiviswanathan 2019 (sampling without replacement, replace-one). Kairouz
   et al. 2021, "Practical and Private (Deep) Learning without Sampling or
-  Shuffling" (DP-FTRL with one participation per epoch).
+  Shuffling" (DP-FTRL with one participation per epoch). Choquette-Choo,
+  McMahan, Rush & Thakurta 2023, "Multi-Epoch Matrix Factorization
+  Mechanisms for Private Machine Learning" ((k, b)-participation, cyclic).
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ import warnings
 import dp_accounting
 
 from fedjax_priv.checks import check_int, check_positive
-from fedjax_priv.data.sampling import (FixedSizeSampler, PoissonSampler, ShuffledEpochSampler,
-                                       poisson_overflow_probability)
+from fedjax_priv.data.sampling import (CyclicSampler, FixedSizeSampler, PoissonSampler,
+                                       ShuffledEpochSampler, poisson_overflow_probability)
 from fedjax_priv.privacy.aggregation import ADD_OR_REMOVE, REPLACE_ONE, ZERO_OUT, RoundPrivacy
 
 RELATION_WORDS = {ADD_OR_REMOVE: "add/remove one user's whole dataset",
@@ -52,7 +58,16 @@ def _first_supported(privacy: RoundPrivacy, preferred: tuple, scheme: str):
                    f" is stated only under {', '.join(r.name for r in privacy.relations)}")
 
 
+def _no_participation_pattern(privacy: RoundPrivacy, scheme: str) -> None:
+  if privacy.participation is not None:
+    k, b = privacy.participation
+    raise ValueError(f"{privacy.description or 'the mechanism'} needs each user in at most {k} of "
+                     f"its {privacy.rounds_per_event} rounds, any two at least {b} apart; "
+                     f"{scheme} participation does not guarantee that: use Cyclic")
+
+
 def _one_round_events(privacy: RoundPrivacy, scheme: str) -> None:
+  _no_participation_pattern(privacy, scheme)
   if privacy.rounds_per_event != 1:
     raise ValueError(f"{privacy.description or 'the mechanism'} accounts {privacy.rounds_per_event}"
                      f" rounds per event and needs each user at most once in them; {scheme} "
@@ -235,6 +250,7 @@ class ShuffledEpochs:
     return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
 
   def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
+    _no_participation_pattern(privacy, self.name)
     if privacy.rounds_per_event not in (1, self.rounds_per_epoch):
       raise ValueError(f"{privacy.description or 'the mechanism'} accounts "
                        f"{privacy.rounds_per_event} rounds per event, but an epoch of "
@@ -247,7 +263,84 @@ class ShuffledEpochs:
   overflow_probability_per_round = 0.0
 
 
-Participation = Full | FixedSize | Poisson | ShuffledEpochs
+@dataclasses.dataclass(frozen=True)
+class Cyclic:
+  """A fixed seeded partition into b = N // K groups of K clients; round r uses group r mod b.
+
+  Each user takes part exactly every b rounds, so in a run of R rounds at
+  most k = ceil(R / b) times, any two b apart: the (k, b)-participation of
+  multi-epoch matrix factorization (Choquette-Choo et al. 2023). The
+  partition is public given the seed, so the relation is zero-out and no
+  amplification is claimed. A mechanism whose event covers the whole run
+  (`RoundPrivacy.participation` = its required (k, b), rounds_per_event = R)
+  is charged once, at round 0, after checking k <= its k and b >= its b; a
+  run longer than R rounds is refused. A one-round mechanism is charged its
+  own event every round.
+  """
+  num_clients: int
+  cohort_size: int
+  name = "cyclic"
+
+  def __post_init__(self):
+    CyclicSampler(self.num_clients, self.cohort_size, 0)
+
+  @property
+  def expected_cohort_size(self) -> float:
+    return float(self.cohort_size)
+
+  @property
+  def sampling_rate(self) -> float:
+    return self.cohort_size / self.num_clients
+
+  @property
+  def min_separation(self) -> int:
+    """b: rounds between two participations of a user, N // K."""
+    return self.num_clients // self.cohort_size
+
+  def max_participations(self, rounds: int) -> int:
+    """k = ceil(rounds / b): most participations of one user in `rounds` rounds."""
+    return -(-check_int("rounds", rounds, 1) // self.min_separation)
+
+  def sampler(self, seed: int) -> CyclicSampler:
+    return CyclicSampler(self.num_clients, self.cohort_size, seed)
+
+  def relation(self, privacy: RoundPrivacy):
+    return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
+
+  def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index` (0-based).
+
+    Raises:
+      ValueError: a multi-round mechanism without a (k, b) requirement, a
+        participation pattern the mechanism's (k, b) does not cover (naming
+        both), or a round past the mechanism's run.
+    """
+    round_index = check_int("round_index", round_index, 0)
+    rounds = privacy.rounds_per_event
+    description = privacy.description or "the mechanism"
+    if rounds == 1:
+      return privacy.event(self.relation(privacy))
+    if privacy.participation is None:
+      raise ValueError(f"{description} accounts {rounds} rounds per event with each user at most "
+                       "once in them; use ShuffledEpochs with epochs of that many rounds")
+    k_required, b_required = privacy.participation
+    k, b = self.max_participations(rounds), self.min_separation
+    if k > k_required or b < b_required:
+      raise ValueError(
+          f"{description} requires each user in at most k={k_required} of its {rounds} rounds, "
+          f"any two at least b={b_required} apart, but Cyclic({self.num_clients}, "
+          f"{self.cohort_size}) gives k={k} participations b={b} apart")
+    if round_index >= rounds:
+      raise ValueError(f"{description} is calibrated for a run of {rounds} rounds; round "
+                       f"{round_index + 1} is past it: run at most {rounds} rounds, or build the "
+                       "mechanism for the run's length")
+    event = privacy.event(self.relation(privacy))
+    return event if round_index == 0 else dp_accounting.NoOpDpEvent()
+
+  overflow_probability_per_round = 0.0
+
+
+Participation = Full | FixedSize | Poisson | ShuffledEpochs | Cyclic
 
 
 def neighbouring(participation: Participation, privacy: RoundPrivacy | None) -> str:
@@ -260,4 +353,4 @@ def neighbouring(participation: Participation, privacy: RoundPrivacy | None) -> 
   return words
 
 
-__all__ = ["Full", "FixedSize", "Participation", "Poisson", "ShuffledEpochs", "neighbouring"]
+__all__ = ["Cyclic", "Full", "FixedSize", "Participation", "Poisson", "ShuffledEpochs", "neighbouring"]
