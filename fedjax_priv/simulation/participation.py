@@ -318,9 +318,9 @@ class Cyclic:
     round_index = check_int("round_index", round_index, 0)
     rounds = privacy.rounds_per_event
     description = privacy.description or "the mechanism"
-    if rounds == 1:
-      return privacy.event(self.relation(privacy))
     if privacy.participation is None:
+      if rounds == 1:
+        return privacy.event(self.relation(privacy))
       raise ValueError(f"{description} accounts {rounds} rounds per event with each user at most "
                        "once in them; use ShuffledEpochs with epochs of that many rounds")
     k_required, b_required = privacy.participation

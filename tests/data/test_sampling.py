@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from fedjax_priv.data import sampling
+
 from fedjax_priv.data import (
     FixedSizeSampler,
     PoissonSampler,
@@ -245,3 +247,19 @@ def test_poisson_batch_buckets_are_binomial_quantiles_below_capacity():
   assert poisson_batch_buckets(n, q, 260) == (254,)  # Sizes at or above the capacity drop out.
   with pytest.raises(ValueError, match="quantiles"):
     poisson_batch_buckets(n, q, capacity, (0.9, 0.5))
+
+
+def test_cyclic_sampler_is_a_fixed_partition_taken_in_turn():
+  sampler = sampling.CyclicSampler(num_clients=14, cohort_size=3, seed=5)
+  b = 14 // 3
+  cohorts = [sampler.sample(r).indices for r in range(3 * b)]
+  first = np.concatenate(cohorts[:b])
+  assert len(set(first.tolist())) == b * 3  # The groups are disjoint.
+  for r in range(b, 3 * b):
+    np.testing.assert_array_equal(cohorts[r], cohorts[r - b])  # Every client every b rounds.
+  # Deterministic per (seed, round); another seed, another partition.
+  np.testing.assert_array_equal(sampling.CyclicSampler(14, 3, 5).sample(7).indices, cohorts[7])
+  assert not np.array_equal(sampling.CyclicSampler(14, 3, 6).sample(0).indices, cohorts[0])
+  assert all(np.all(sampler.sample(r).mask == 1) for r in range(b))
+  with pytest.raises(ValueError, match="cohort_size"):
+    sampling.CyclicSampler(3, 4, 0)
