@@ -12,7 +12,7 @@ round of the run, with the neighbouring relation it holds under:
 | `FixedSize(N, K)` | K of N without replacement | replace one user | `SampledWithoutReplacement(N, K, event)` |
 | `Poisson(N, m)` | each client with q = m / N | add/remove (else zero-out) | `PoissonSampled(q, event)` |
 | `ShuffledEpochs(N, K)` | each epoch a permutation cut into N // K cohorts of K | zero-out | the event once per epoch |
-| `Cyclic(N, K)` | a fixed partition into N // K groups of K, in turn | zero-out | a whole-run (MF) event once; else every round |
+| `Cyclic(N, K)` | a fixed partition into N // K groups of K, in turn | zero-out | a whole-run (MF) event once; else once per cycle of N // K rounds |
 
 Mechanisms whose server sees each upload (local DP) are not amplified: every
 round is charged the mechanism's own event. A mechanism whose event covers
@@ -275,7 +275,10 @@ class Cyclic:
   (`RoundPrivacy.participation` = its required (k, b), rounds_per_event = R)
   is charged once, at round 0, after checking k <= its k and b >= its b; a
   run longer than R rounds is refused. A one-round mechanism is charged its
-  own event every round.
+  own event once per cycle of b rounds, at the cycle's first round (each
+  user takes part once per cycle): an upper bound at every round boundary,
+  as for `ShuffledEpochs`, and the same epsilon as the identity strategy
+  (independent noise) accounted as one Gaussian mechanism over k rounds.
   """
   num_clients: int
   cohort_size: int
@@ -320,6 +323,10 @@ class Cyclic:
     description = privacy.description or "the mechanism"
     if privacy.participation is None:
       if rounds == 1:
+        # Every user takes part once per cycle of b rounds: charging the
+        # event at each cycle's first round bounds every round boundary.
+        if round_index % self.min_separation:
+          return dp_accounting.NoOpDpEvent()
         return privacy.event(self.relation(privacy))
       raise ValueError(f"{description} accounts {rounds} rounds per event with each user at most "
                        "once in them; use ShuffledEpochs with epochs of that many rounds")

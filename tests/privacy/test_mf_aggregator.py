@@ -252,12 +252,22 @@ def test_run_longer_than_the_mechanism_is_refused_before_compiling():
     _experiment(mf_mean(mf.banded_square_root(8), CLIP, 1.0, M, 8, 1, N // M))
 
 
-def test_cyclic_refuses_a_restarting_tree_and_charges_one_round_mechanisms_every_round():
+def test_cyclic_refuses_a_restarting_tree_and_charges_one_round_mechanisms_once_per_cycle():
   with pytest.raises(ValueError, match="use ShuffledEpochs"):
     Cyclic(N, M).round_event(dp_ftrl_aggregator(CLIP, 1.0, M, 8).privacy, 0)
+  b = N // M
   one_round = dp_mean(CLIP, 1.0, M).privacy
-  assert all(Cyclic(N, M).round_event(one_round, r) == dp_accounting.GaussianDpEvent(1.0)
-             for r in (0, 1, 2 * N))
+  events = [Cyclic(N, M).round_event(one_round, r) for r in range(3 * b)]
+  assert [r for r, e in enumerate(events) if e == dp_accounting.GaussianDpEvent(1.0)] == [
+      0, b, 2 * b]
+  assert all(isinstance(e, dp_accounting.NoOpDpEvent) for r, e in enumerate(events) if r % b)
+  # Three charges of sigma compose to one Gaussian of sigma / sqrt(3) (RDP is additive): the
+  # epsilon of independent noise as the identity strategy, sens sqrt(k), over k = 3 cycles.
+  assert mf_sensitivity(mf.BandedToeplitz(np.ones(1)), 3 * b, 3, b).value == pytest.approx(
+      math.sqrt(3))
+  assert accounting.compute_epsilon(dp_accounting.ComposedDpEvent(events), DELTA) == (
+      pytest.approx(accounting.compute_epsilon(
+          dp_accounting.GaussianDpEvent(1.0 / math.sqrt(3)), DELTA), rel=1e-9))
 
 
 @pytest.mark.parametrize("bad, match", [
