@@ -40,7 +40,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-  name: str = "mlp"                 # logistic_regression | mlp | cnn
+  name: str = "mlp"                 # logistic_regression | mlp | cnn | tanh_cnn
   hidden: tuple[int, ...] = (64,)   # mlp widths
   conv_impl: str = "auto"           # cnn: auto | xla | patches
 
@@ -112,7 +112,7 @@ class Config:
 CHOICES = {
     "data.dataset": ("digits", "store"),
     "data.partition": ("dirichlet", "iid"),
-    "model.name": ("logistic_regression", "mlp", "cnn"),
+    "model.name": ("logistic_regression", "mlp", "cnn", "tanh_cnn"),
     "model.conv_impl": ("auto", "xla", "patches"),
     "client.optimizer": ("sgd", "momentum", "adam"),
     "server.optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from fedjax_priv import config as config_lib
+from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
 from fedjax_priv.algorithms.stragglers import with_stragglers
 from fedjax_priv.checks import check_delta, check_int
@@ -31,7 +32,7 @@ from fedjax_priv.config import Config
 from fedjax_priv.data import FederatedDataset, federated_digits
 from fedjax_priv.data.population import ClientSource
 from fedjax_priv.data.sampling import poisson_capacity, poisson_overflow_probability
-from fedjax_priv.models import Model, cnn, logistic_regression, mlp
+from fedjax_priv.models import Model, cnn, logistic_regression, mlp, tanh_cnn
 from fedjax_priv.privacy import accounting
 from fedjax_priv.privacy.aggregation import Aggregator, dp_mean, weighted_mean
 from fedjax_priv.privacy.ledger import PrivacyLedger
@@ -276,7 +277,10 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
   user = user_plan(aggregator, participation)
   if user is not None:
     levels.append(user)
-  if example_dp is not None:
+  # Traced multipliers (`sweep.sweep_experiment` builds the program from
+  # them) are accounted from the host's build of the same point.
+  if example_dp is not None and all(tree_util.is_concrete_number(v) for v in (
+      example_dp.clip_norm, example_dp.noise_multiplier)):
     levels.append(example_plan(example_dp, train.client_sizes, batching))
   if not settings.description:
     # What a resumed run must match: the run's settings and its mechanisms.
@@ -315,6 +319,8 @@ def _model(config: Config, input_shape, num_classes) -> Model:
     return logistic_regression(input_shape, num_classes)
   if name == "mlp":
     return mlp(input_shape, num_classes, config.model.hidden)
+  if name == "tanh_cnn":
+    return tanh_cnn(input_shape, num_classes)
   return cnn(input_shape, num_classes, conv_impl=config.model.conv_impl)
 
 
@@ -327,11 +333,6 @@ def participation_of(config: Config, num_clients: int) -> Participation:
     return participation_lib.Full(num_clients)
   return participation_lib.FixedSize(num_clients, sim.cohort_size,
                                      account_as_poisson=config.privacy.fixed_as_poisson)
-
-
-def make_sampler(config: Config, num_clients: int):
-  """The cohort sampler of the config's participation, seeded by simulation.seed."""
-  return participation_of(config, num_clients).sampler(config.simulation.seed)
 
 
 def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,

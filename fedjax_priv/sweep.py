@@ -10,6 +10,10 @@ an outer Python loop, one compile per value, and the result says which keys
 went which way. Each run keeps its own accounting: its epsilon is computed on
 the host from the events its own noise multiplier and sampling produce,
 exactly as `runner.run` would report for the same config.
+
+`sweep_experiment(make_experiment, grid)` does the same for the open API:
+any `Experiment` that `assemble` builds from numbers (a noise multiplier, a
+clip norm, a learning rate) sweeps over them as one program.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import io
 import itertools
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +34,8 @@ from fedjax_priv import checkpoint as ckpt
 from fedjax_priv import config as config_lib
 from fedjax_priv.config import Config, ConfigError
 from fedjax_priv.data.packing import pad_population
-from fedjax_priv.experiment import (Hyperparameters, build, hyperparameters, make_sampler,
-                                    make_training, privacy_levels)
+from fedjax_priv.experiment import (Experiment, Hyperparameters, build, hyperparameters,
+                                    make_training, privacy_levels, settings_of)
 from fedjax_priv.privacy.accounting import PrivacyLedger
 from fedjax_priv.runner import make_evaluator
 from fedjax_priv.simulation.sweep import make_sweep_program
@@ -88,30 +92,28 @@ def _stack(points: list[Hyperparameters]) -> Hyperparameters:
                            for column in zip(*points)))
 
 
-def _cohorts(config: Config, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
-  sampler = make_sampler(config, num_clients)
-  cohorts = [sampler.sample(r) for r in range(config.simulation.rounds)]
+def _cohorts(sampler, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+  cohorts = [sampler.sample(r) for r in range(rounds)]
   return (np.stack([c.indices for c in cohorts]).astype(np.int32),
           np.stack([c.mask for c in cohorts]).astype(np.float32))
 
 
-def _privacy_columns(config: Config, levels, known: dict) -> dict[str, Any]:
-  """Each level's sigma and epsilon after simulation.rounds rounds (as the runner reports).
+def _privacy_columns(levels, settings, known: dict) -> dict[str, Any]:
+  """Each level's sigma and epsilon after settings.rounds rounds (as the runner reports).
 
   `known` maps an accounting question to its answer within one sweep: runs
   that differ only in learning rates or seeds share their epsilon, and
   composing the events is the slow part.
   """
-  privacy = config.privacy
-  columns: dict[str, Any] = {"delta": privacy.delta if levels else None}
+  columns: dict[str, Any] = {"delta": settings.delta if levels else None}
   for i, plan in enumerate(levels):
     question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
-                config.simulation.rounds, privacy.delta, privacy.accountant)
+                settings.rounds, settings.delta, settings.accountant)
     if question not in known:
       ledger = PrivacyLedger()
-      for r in range(config.simulation.rounds):
+      for r in range(settings.rounds):
         ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
-      known[question] = ledger.epsilon(privacy.delta, privacy.accountant)
+      known[question] = ledger.epsilon(settings.delta, settings.accountant)
     epsilon, delta_total = known[question]
     prefix = "" if i == 0 else f"{plan.unit}_"
     columns.update({f"{prefix}noise_multiplier": plan.noise_multiplier,
@@ -119,6 +121,31 @@ def _privacy_columns(config: Config, levels, known: dict) -> dict[str, Any]:
   if not levels:
     columns.update(noise_multiplier=0.0, epsilon=float("inf"))
   return columns
+
+
+class _Runs(NamedTuple):
+  """The runs of one program: hyper-parameters ([G] leaves), seeds and cohorts of each."""
+  hp: Any
+  seeds: jax.Array
+  indices: np.ndarray
+  masks: np.ndarray
+
+
+def _train(exp: Experiment, make_training, runs: _Runs, max_parallel: int | None
+           ) -> tuple[list[dict[str, float]], float, float]:
+  """Trains `runs` as one program shaped like `exp`: (metrics per run, compile s, wall s)."""
+  population = jax.device_put(pad_population(exp.train))
+  program = jax.jit(make_sweep_program(exp, make_training, make_evaluator(exp), max_parallel))
+  args = (runs.hp, runs.seeds, population, runs.indices, runs.masks)
+  tic = time.perf_counter()
+  compiled = program.lower(*args).compile()
+  compile_s = time.perf_counter() - tic
+  tic = time.perf_counter()
+  out = jax.device_get(compiled(*args))
+  wall_s = time.perf_counter() - tic
+  metrics = [{name: float(values[n]) for name, values in out.items()}
+             for n in range(len(runs.seeds))]
+  return metrics, compile_s, wall_s
 
 
 def sweep(config: Config, grid: dict[str, Sequence[Any]],
@@ -159,31 +186,73 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
   for i, outer_values in enumerate(outer_points):
     base = _with(config, outer_values)
     exp = build(base)
-    population = jax.device_put(pad_population(exp.train))
     points, seeds, indices, masks, privacy = [], [], [], [], []
     for run_config in configs[i]:
       levels = privacy_levels(run_config, exp.train, exp.participation, exp.batching)
       points.append(hyperparameters(run_config, levels))
       seeds.append(run_config.simulation.seed)
-      cohort_indices, cohort_masks = _cohorts(run_config, exp.train.num_clients)
+      cohort_indices, cohort_masks = _cohorts(
+          exp.participation.sampler(run_config.simulation.seed), run_config.simulation.rounds)
       indices.append(cohort_indices)
       masks.append(cohort_masks)
-      privacy.append(_privacy_columns(run_config, levels, known_epsilons))
+      privacy.append(_privacy_columns(levels, settings_of(run_config), known_epsilons))
     training = functools.partial(make_training, base, exp.model, exp.participation)
-    program = jax.jit(make_sweep_program(exp, training, make_evaluator(exp), max_parallel))
-    args = (_stack(points), jnp.asarray(seeds, jnp.int32), population, np.stack(indices),
-            np.stack(masks))
-    tic = time.perf_counter()
-    compiled = program.lower(*args).compile()
-    compile_s += time.perf_counter() - tic
-    tic = time.perf_counter()
-    out = jax.device_get(compiled(*args))
-    wall_s += time.perf_counter() - tic
-    metrics = [{name: float(values[n]) for name, values in out.items()}
-               for n in range(len(points))]
+    runs = _Runs(_stack(points), jnp.asarray(seeds, jnp.int32), np.stack(indices),
+                 np.stack(masks))
+    metrics, compiled, trained = _train(exp, training, runs, max_parallel)
+    compile_s, wall_s = compile_s + compiled, wall_s + trained
     for t, m, p in zip(traced_points, metrics, privacy):
       rows.append({**outer_values, **t, **p, **m})
   return SweepResult(rows, traced, outer, compile_s, wall_s)
+
+
+def sweep_experiment(make_experiment: Callable[..., Experiment],
+                     grid: dict[str, Sequence[float]],
+                     max_parallel: int | None = None) -> SweepResult:
+  """The open API's sweep: `make_experiment(**point)` for every grid point, as one program.
+
+  `make_experiment` builds an `Experiment` (usually with `assemble`) from
+  keyword arguments that are plain numbers inside the round: a noise
+  multiplier, a clip norm, a learning rate. It is called once per point with
+  Python floats, which gives each run its own accounting, seed and cohorts,
+  and once more with traced scalars, which gives the one vmapped program
+  that trains every run; so the arguments must not change shapes or
+  structure (loop over such values in Python). Each row equals
+  `runner.run_experiment(make_experiment(**point), ...)`'s final evaluation.
+
+  Args:
+    make_experiment: keyword arguments -> Experiment, e.g.
+      `lambda sigma: assemble(model, train, test, dp_mean(0.5, sigma, 20), ...)`.
+    grid: argument name -> values; every combination is trained.
+    max_parallel: as for `sweep`.
+
+  Returns:
+    A SweepResult: one row per point (its values, each level's sigma, epsilon
+    and delta_total at settings.delta, test accuracy and loss, mean train loss).
+
+  Raises:
+    ValueError: an empty grid, or points whose experiments differ in
+      rounds (each program trains one number of rounds).
+  """
+  if not grid or any(len(values) == 0 for values in grid.values()):
+    raise ValueError(f"grid needs at least one name with at least one value, got {grid!r}")
+  names = tuple(grid)
+  points = [dict(zip(names, (float(v) for v in values)))
+            for values in itertools.product(*(grid[name] for name in names))]
+  exps = [make_experiment(**point) for point in points]
+  rounds = {exp.settings.rounds for exp in exps}
+  if len(rounds) != 1:
+    raise ValueError(f"every point must train the same number of rounds, got {sorted(rounds)}")
+  known: dict = {}
+  privacy = [_privacy_columns(exp.levels, exp.settings, known) for exp in exps]
+  cohorts = [_cohorts(exp.sampler, exp.settings.rounds) for exp in exps]
+  runs = _Runs({name: jnp.asarray([p[name] for p in points], jnp.float32) for name in names},
+               jnp.asarray([exp.settings.seed for exp in exps], jnp.int32),
+               np.stack([c[0] for c in cohorts]), np.stack([c[1] for c in cohorts]))
+  metrics, compile_s, wall_s = _train(exps[0], lambda hp: make_experiment(**hp), runs,
+                                      max_parallel)
+  rows = [{**point, **p, **m} for point, p, m in zip(points, privacy, metrics)]
+  return SweepResult(rows, names, (), compile_s, wall_s)
 
 
 def write_results(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:

@@ -120,3 +120,13 @@ def test_server_adaptivity_is_the_epsilon_of_adaptive_optimizers():
   state = exp.server_optimizer.init(g)
   step = exp.server_optimizer.update(g, state)[0]["w"]
   np.testing.assert_allclose(step, -1e-3 / (1e-3 + 0.25), rtol=1e-4)
+
+
+def test_every_zoo_image_model_is_reachable_from_the_config():
+  """model.name = tanh_cnn builds the zoo's model (refused on 8x8 digits with a named reason)."""
+  from fedjax_priv import config as config_lib
+  from fedjax_priv.experiment import build
+  config = config_lib.load(None, ["model.name=tanh_cnn", "simulation.rounds=1"])
+  assert config.model.name == "tanh_cnn"
+  with pytest.raises(ValueError, match="tanh_cnn: input_shape"):
+    build(config)

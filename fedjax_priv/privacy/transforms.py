@@ -173,6 +173,10 @@ class Transform(NamedTuple):
 
 
 def _check_multiplier(name: str, value: Any) -> float:
+  if isinstance(value, jax.core.Tracer):
+    # A sweep traces the multiplier to build its one program; the same chain
+    # built with the concrete value on the host is checked and accounted.
+    return value
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
       math.isfinite(value) and value >= 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -293,7 +297,10 @@ def _noise_propagate(name: str, sensitivity: Callable[[Tracked], float],
           f"{name} before sum_units() is local noise, which is analysed under "
           "relation=REPLACE_ONE (local DP); under add/remove an absent unit also removes its "
           "noise. Build the chain with relation=NeighboringRelation.REPLACE_ONE")
-    noise_std = math.hypot(tracked.noise_std, std(tracked))
+    added = std(tracked)
+    # A traced multiplier (a sweep's program) leaves the static std unknown.
+    noise_std = (math.hypot(tracked.noise_std, added) if tree_util.is_concrete_number(added)
+                 else math.nan)
     if tracked.summed:
       # Independent noise is post-processing: the aggregate's sensitivity stands.
       return tracked._replace(noise_std=noise_std)
