@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({level['neighbouring_relation']}), {privacy['accountant']} accountant, "
           f"noise multiplier {level['noise_multiplier']:.4g}")
   if privacy["stopped_by_budget"]:
-    bound = (f"delta_total past privacy.delta = {privacy['delta']}"
+    bound = (f"delta_total past {privacy['delta_limit']:.3g} (privacy.delta = {privacy['delta']})"
              if privacy["stopped_by"] == "delta" else
              f"epsilon past privacy.epsilon_budget = {privacy['epsilon_budget']}")
     print(f"stopped after {summary['rounds']} of {summary['rounds_planned']} rounds at "

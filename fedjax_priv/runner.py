@@ -150,7 +150,8 @@ def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
   settings = exp.settings
   common = {"accountant": settings.accountant, "delta": settings.delta,
             "epsilon_budget": settings.epsilon_budget or None,
-            "stopped_by_budget": stopped_by is not None, "stopped_by": stopped_by}
+            "stopped_by_budget": stopped_by is not None, "stopped_by": stopped_by,
+            "delta_limit": budget.delta_limit(settings)}
   if not exp.levels:
     return {"unit": "none", "neighbouring_relation": "no privacy", **common,
             "noise_multiplier": 0.0, "clip_norm": None, "sampling": exp.participation.name,
@@ -249,8 +250,9 @@ def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bo
   last_round, limit = budget.rounds_within_budget(exp, ledgers, start)
   if last_round == 0 and limit == "delta":
     raise ValueError(f"the first round alone takes delta_total past privacy.delta = {sim.delta} "
-                     "(truncated Poisson sampling adds to delta); raise the noise multiplier, or "
-                     "set privacy.allow_delta_overflow = true to accept it")
+                     f"(+{budget.DELTA_SLACK:.0%}; truncated Poisson sampling adds to delta); "
+                     "raise the noise multiplier, or set privacy.allow_delta_overflow = true to "
+                     "accept it")
   if last_round == 0:
     raise ValueError(f"privacy.epsilon_budget = {sim.epsilon_budget} is exceeded by "
                      "the first round alone; raise the budget or the noise multiplier")
