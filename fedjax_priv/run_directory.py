@@ -393,4 +393,4 @@ class RunDirectory:
     self._replace(CHECKPOINT, ckpt.checkpoint_bytes(state, extra))
 
   def write_summary(self, summary: dict[str, Any]) -> None:
-    self._replace(SUMMARY, ckpt.json_bytes({**summary, "run_id": self._manifest["run_id"]}))
+    self._replace(SUMMARY, ckpt.json_bytes(summary))

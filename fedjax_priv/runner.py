@@ -257,7 +257,7 @@ def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bo
     raise ValueError(f"privacy.epsilon_budget = {sim.epsilon_budget} is exceeded by "
                      "the first round alone; raise the budget or the noise multiplier")
   budget.check_planned_delta(exp, ledgers, start, last_round)
-  directory.begin(restored, description)
+  run_id = directory.begin(restored, description)
 
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
@@ -325,6 +325,7 @@ def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bo
       "examples_per_s": totals["examples"] / max(totals["wall"], 1e-9),
       "num_clients": exp.train.num_clients,
       "privacy": _json_numbers(report),
+      "run_id": run_id,
   }
   directory.write_summary(summary)
   return summary
