@@ -1,4 +1,4 @@
-"""The run-directory protocol: one run owns its `--out`, and its files are proven to belong together.
+"""The run-directory protocol: a run owns its `--out`, and its files are proven to belong together.
 
 A run directory holds config.json, checkpoint.npz, metrics.jsonl and
 summary.json (see `runner`), plus:
@@ -34,6 +34,7 @@ NFS between hosts.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -165,8 +166,13 @@ class RunDirectory:
       _log.warning("%s: took over the stale lock of a run that is no longer running (%s)",
                    self.path, owner)
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record, 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, record, 0)
+    except OSError as error:
+      os.close(fd)
+      raise RunDirectoryError(f"cannot write the lock file {lock_path}: "
+                              f"{error.strerror or error}") from None
     self._lock_fd = fd
     self._remove_temporary_files()
 
@@ -189,7 +195,10 @@ class RunDirectory:
     """Removes the lock file and drops the lock (the kernel drops it too if we die)."""
     if self._lock_fd is None:
       return
-    (self.path / LOCK).unlink(missing_ok=True)
+    # A directory made read-only meanwhile keeps the file: the next run sees
+    # a lock nobody holds and takes it over.
+    with contextlib.suppress(OSError):
+      (self.path / LOCK).unlink(missing_ok=True)
     os.close(self._lock_fd)
     self._lock_fd = None
 
