@@ -5,10 +5,11 @@ summary.json (see `runner`), plus:
 
   manifest.json  the run id and, for config.json, checkpoint.npz and
                  summary.json, the SHA-256 of every version of the file the
-                 run accepts. Replacing a file is two-phase: the manifest first
-                 lists the old and the new hash, then the file is replaced,
-                 then the manifest lists only the new one; a kill at any
-                 moment leaves a file the manifest accepts.
+                 run accepts (null: the file may be absent). Replacing a file
+                 is two-phase: the manifest first lists the old state and the
+                 new hash, then the file is replaced, then the manifest lists
+                 only the new one; a kill at any moment leaves a state the
+                 manifest accepts.
   .lock          the pid and host of the run that holds the directory, under
                  an exclusive `flock` that the kernel drops when the process
                  dies (kill -9 included), so a lock file left behind by a dead
@@ -300,7 +301,7 @@ class RunDirectory:
       check_description(saved_config)
     checkpoint = self._verified_bytes(manifest, CHECKPOINT)
     if checkpoint is None:
-      if manifest[CHECKPOINT]:
+      if None not in manifest[CHECKPOINT]:
         raise RunDirectoryError(
             f"cannot resume: {self.path / CHECKPOINT} is missing, but run {run_id} wrote one; "
             "nothing was changed")
@@ -314,7 +315,7 @@ class RunDirectory:
       prefix = self.metrics.verified_prefix(round_index, extra["metrics"])
     # From now on the manifest accepts exactly the files that are there.
     self._manifest = {**manifest, **{
-        name: [] if data is None else [ckpt.sha256(data)]
+        name: [None if data is None else ckpt.sha256(data)]
         for name, data in ((SUMMARY, summary), (CONFIG, config_bytes), (CHECKPOINT, checkpoint))}}
     return Restored(run_id, state, extra, saved_config, prefix)
 
@@ -373,7 +374,7 @@ class RunDirectory:
       for name in RUN_FILES:  # The manifest first: a half-removed run is no run.
         (self.path / name).unlink(missing_ok=True)
       self._manifest = {"format": _FORMAT, "run_id": uuid.uuid4().hex,
-                        **{name: [] for name in _HASHED}}
+                        **{name: [None] for name in _HASHED}}
       self._write_manifest()
       self.metrics.reset()
     else:
@@ -387,7 +388,7 @@ class RunDirectory:
   def _replace(self, name: str, data: bytes) -> None:
     """Replaces a hashed file so that a kill at any moment leaves one the manifest accepts."""
     digest = ckpt.sha256(data)
-    # The list holds the hash of the file that is there now (if any).
+    # The list holds the state of the file now: its hash, or None if absent.
     self._manifest[name] = self._manifest[name][-1:] + [digest]
     self._write_manifest()
     ckpt.write_atomic(self.path / name, data)

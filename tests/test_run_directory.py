@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 from fedjax_priv import budget
@@ -346,12 +347,14 @@ def test_kill_9_at_random_moments_then_resume_gives_the_same_metrics(tmp_path):
   reference = tmp_path / "reference"
   runner.run(config_lib.load(tmp_path / "tiny.toml", overrides), reference, progress=False)
   out, log = tmp_path / "faulty", tmp_path / "faults.log"
-  env = {**os.environ, "FEDJAX_PRIV_CACHE": str(tmp_path / "cache"), "FAULT_LOG": str(log),
-         "PYTHONPATH": str(REPO)}
+  # The module's compilation cache, which the reference run has just filled.
+  env = {**os.environ, "FEDJAX_PRIV_CACHE": jax.config.jax_compilation_cache_dir,
+         "FAULT_LOG": str(log), "PYTHONPATH": str(REPO)}
   # (what the event names contain, the how-manyth such event kills); None: a
   # kill from outside at a random moment once training has begun; last: no fault.
-  plan = [("", rng.randint(1, 12)), ("checkpoint", rng.randint(1, 6)), None,
-          ("metrics", rng.randint(1, 3)), ("", rng.randint(1, 40)), ("", 0)]
+  # Each process costs a JAX import (seconds on a loaded 2-core machine), so
+  # three faults: anywhere, inside a checkpoint write, and from outside.
+  plan = [("", rng.randint(1, 40)), ("checkpoint", rng.randint(1, 6)), None, ("", 0)]
   faults = 0
   for fault in plan:
     resume = ["--resume"] if run_directory.RunDirectory(out).holds_run() else []
