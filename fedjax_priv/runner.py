@@ -168,7 +168,7 @@ def rounds_within_budget(exp: Experiment, ledgers: dict[str, PrivacyLedger],
   """The last round (<= simulation.rounds) the (epsilon, delta) budget allows.
 
   The run stops before the round that would take any level's epsilon past
-  privacy.epsilon_budget or its delta_total past privacy.delta
+  privacy.epsilon_budget or its delta_total past `budget.delta_limit`
   (`budget.rounds_within_budget`).
   """
   return budget.rounds_within_budget(exp, ledgers, rounds_done)[0]

@@ -172,6 +172,26 @@ def test_case2_a_file_of_another_run_is_refused_on_resume(finished, killed_befor
   assert _snapshot(out) == before
 
 
+def test_case2_overwrite_killed_before_its_first_checkpoint_then_resume(finished, tmp_path,
+                                                                        monkeypatch):
+  # The same config as the finished run: the old checkpoint must not be
+  # resumed under the new run's (empty) metrics.
+  out = _copy(finished, tmp_path / "out")
+
+  def killed(self, state, keys, cohorts):
+    raise RuntimeError("killed")
+
+  monkeypatch.setattr(runner._Trainer, "run", killed)
+  with pytest.raises(RuntimeError):
+    runner.run(_config(), out, progress=False, overwrite=True)
+  monkeypatch.undo()
+  assert not (out / "summary.json").exists() and not (out / "checkpoint.npz").exists()
+  runner.run(_config(), out, resume=True, progress=False)
+  assert _without_timing(_lines(out)) == _without_timing(_lines(finished))
+  got, want = (json.loads((d / "summary.json").read_text()) for d in (out, finished))
+  assert got["privacy"] == want["privacy"] and got["run_id"] != want["run_id"]
+
+
 def test_resume_before_first_checkpoint_starts_over_in_the_same_run(killed_before_checkpoint,
                                                                     tmp_path):
   out = _copy(killed_before_checkpoint, tmp_path / "b")
