@@ -1,13 +1,15 @@
 """The `fedjax-priv` command.
 
-  fedjax-priv run CONFIG.toml [--set section.key=value ...] [--out DIR] [--resume]
+  fedjax-priv run CONFIG.toml [--set section.key=value ...] [--out DIR] [--resume | --overwrite]
   fedjax-priv sweep CONFIG.toml --grid section.key=v1,v2,... [--grid ...] [--set ...] [--out DIR]
   fedjax-priv calibrate CONFIG.toml [--set ...]
   fedjax-priv data prepare NAME [--source PATH] [--out PATH] [options]
 
 Exit status 2 and a message naming the key for a bad config, before anything
 is compiled; for `data prepare`, exit status 2 and a message saying what source
-is missing or which option is wrong.
+is missing or which option is wrong. A refused output directory (locked,
+holding another run, not writable, corrupt state) also exits 2 with one
+line; an output file that cannot be written mid-run exits 1 with one line.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="override a config key, e.g. simulation.rounds=50")
   run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
   run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
+  run.add_argument("--overwrite", action="store_true",
+                   help="replace the run in DIR (its files go only once every check passed)")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   sweep = commands.add_parser("sweep", help="train a grid of configurations as one program")
   sweep.add_argument("config", help="TOML config file (the base of every run)")
@@ -103,8 +107,10 @@ def _enable_compilation_cache() -> None:
 
 def _sweep(args, config: config_lib.Config) -> int:
   from fedjax_priv import sweep as sweep_lib  # Imports JAX; kept off the config-error path.
+  from fedjax_priv.run_directory import check_writable
   out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-sweep"
   try:
+    check_writable(out)  # Before the grid trains, not after.
     grid = sweep_lib.parse_grid(args.grid)
     traced = [key for key in grid if key in sweep_lib.TRACED]
     outer = [key for key in grid if key not in sweep_lib.TRACED]
@@ -114,7 +120,11 @@ def _sweep(args, config: config_lib.Config) -> int:
   except (config_lib.ConfigError, ValueError) as error:
     print(f"fedjax-priv: {error}", file=sys.stderr)
     return 2
-  paths = sweep_lib.write_results(result, out)
+  try:
+    paths = sweep_lib.write_results(result, out)
+  except OSError as error:
+    print(f"fedjax-priv: {error}", file=sys.stderr)
+    return 1
   keys = list(grid)
   print("  ".join(keys + ["noise_mult", "epsilon", "test_acc"]))
   for row in result.rows:
@@ -157,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
   out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
   from fedjax_priv import runner  # Imports JAX; kept off the config-error path.
   try:
-    summary = runner.run(config, out, resume=args.resume, progress=not args.no_progress)
+    summary = runner.run(config, out, resume=args.resume, progress=not args.no_progress,
+                         overwrite=args.overwrite)
   except ValueError as error:
     print(f"fedjax-priv: {error}", file=sys.stderr)
     return 2
+  except OSError as error:  # Disk full, a file made read-only mid-run: one line naming it.
+    print(f"fedjax-priv: {error}", file=sys.stderr)
+    return 1
   privacy = summary["privacy"]
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "rounds",
                                             "wall_time_s", "compile_time_s")}, indent=2))
@@ -171,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({level['neighbouring_relation']}), {privacy['accountant']} accountant, "
           f"noise multiplier {level['noise_multiplier']:.4g}")
   if privacy["stopped_by_budget"]:
-    print(f"stopped after {summary['rounds']} of {summary['rounds_planned']} rounds: the next "
-          f"round would exceed privacy.epsilon_budget = {privacy['epsilon_budget']}")
+    bound = (f"delta_total past {privacy['delta_limit']:.3g} (privacy.delta = {privacy['delta']})"
+             if privacy["stopped_by"] == "delta" else
+             f"epsilon past privacy.epsilon_budget = {privacy['epsilon_budget']}")
+    print(f"stopped after {summary['rounds']} of {summary['rounds_planned']} rounds at "
+          f"({privacy['epsilon']:.3f}, {privacy['delta_total']:.3g})-DP: the next round would "
+          f"take {bound}")
   print(f"wrote {out}/summary.json and {out}/metrics.jsonl")
   return 0
 

@@ -78,6 +78,10 @@ class PrivacyConfig:
   delta: float = 1e-5
   accountant: str = "rdp"           # rdp | pld
   epsilon_budget: float = 0.0       # > 0: train only the rounds whose epsilon stays within it
+  # Accept a delta_total (delta + the truncation term of Poisson sampling) above
+  # delta: without it, the budget stops before delta_total passes delta and a
+  # run planned above 10 x delta is refused (fedjax_priv/budget.py).
+  allow_delta_overflow: bool = False
   # Account fixed-size cohorts as Poisson with q = K / N: an approximation,
   # not a proof, warned about at every run; off by default.
   fixed_as_poisson: bool = False

@@ -163,10 +163,12 @@ class RunSettings:
       per call.
     delta, accountant: the reported (epsilon, delta) and how it is computed.
     epsilon_budget: > 0: stop before the round that would take any level
-      past it.
+      past it, or its delta_total past delta (`budget`).
     description: JSON-serialisable record of what was built (the resolved
       config for `fedjax-priv run`), written to config.json and compared on
       resume.
+    allow_delta_overflow: accept a planned delta_total above delta (see
+      `budget.check_planned_delta`).
   """
   rounds: int
   seed: int = 0
@@ -179,6 +181,7 @@ class RunSettings:
   accountant: str = "rdp"
   epsilon_budget: float = 0.0
   description: dict = dataclasses.field(default_factory=dict)
+  allow_delta_overflow: bool = False
 
   def __post_init__(self):
     check_int("rounds", self.rounds, 1)
@@ -500,7 +503,8 @@ def settings_of(config: Config) -> RunSettings:
   sim, privacy = config.simulation, config.privacy
   return RunSettings(sim.rounds, sim.seed, sim.eval_every, sim.checkpoint_every, sim.backend,
                      sim.client_chunk_size, sim.data_on_device, privacy.delta, privacy.accountant,
-                     privacy.epsilon_budget, config_lib.to_dict(config))
+                     privacy.epsilon_budget, config_lib.to_dict(config),
+                     allow_delta_overflow=privacy.allow_delta_overflow)
 
 
 def load_store(path: str, stream: bool = False

@@ -5,6 +5,7 @@ Output files in the run directory:
   summary.json     final accuracy, loss, timing and the privacy report
   checkpoint.npz   server state, round and ledger (written atomically)
   config.json      the resolved config the run used
+  manifest.json    run id and hashes that tie these files together (`run_directory`)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from jax import monitoring
 from tqdm.auto import tqdm
 
-from fedjax_priv import checkpoint as ckpt
+from fedjax_priv import budget
 from fedjax_priv.algorithms.server import ServerState, server_init
 from fedjax_priv.config import Config
 from fedjax_priv.data.device import gather_cohort
@@ -29,6 +30,7 @@ from fedjax_priv.data.packing import CohortData, pack_cohort, pad_population
 from fedjax_priv.experiment import Experiment, PrivacyPlan, RunSettings, build
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.privacy.accounting import PrivacyLedger
+from fedjax_priv.run_directory import RunDirectory
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
 
 EVAL_BATCH = 512
@@ -139,12 +141,17 @@ def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, settings: RunSetting
 
 
 def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
-                    stopped_by_budget: bool) -> dict[str, Any]:
-  """The primary level at the top (user level under unit = both); every level in `levels`."""
+                    stopped_by: str | None) -> dict[str, Any]:
+  """The primary level at the top (user level under unit = both); every level in `levels`.
+
+  `stopped_by` is the side of the (epsilon, delta) budget that ended the run
+  early ("epsilon" or "delta"; `budget.rounds_within_budget`), or None.
+  """
   settings = exp.settings
   common = {"accountant": settings.accountant, "delta": settings.delta,
             "epsilon_budget": settings.epsilon_budget or None,
-            "stopped_by_budget": stopped_by_budget}
+            "stopped_by_budget": stopped_by is not None, "stopped_by": stopped_by,
+            "delta_limit": budget.delta_limit(settings)}
   if not exp.levels:
     return {"unit": "none", "neighbouring_relation": "no privacy", **common,
             "noise_multiplier": 0.0, "clip_norm": None, "sampling": exp.participation.name,
@@ -158,18 +165,13 @@ def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
 
 def rounds_within_budget(exp: Experiment, ledgers: dict[str, PrivacyLedger],
                          rounds_done: int) -> int:
-  """The last round (<= simulation.rounds) before which no level exceeds privacy.epsilon_budget.
+  """The last round (<= simulation.rounds) the (epsilon, delta) budget allows.
 
-  Every level's ledger is asked how many more of its rounds fit; the run
-  stops before the round that would take any level past the budget.
+  The run stops before the round that would take any level's epsilon past
+  privacy.epsilon_budget or its delta_total past `budget.delta_limit`
+  (`budget.rounds_within_budget`).
   """
-  settings, total = exp.settings, exp.settings.rounds
-  if settings.epsilon_budget <= 0 or not exp.levels:
-    return total
-  fits = [ledgers[plan.unit].rounds_within_budget(
-      plan.event_at, settings.epsilon_budget, settings.delta, total - rounds_done,
-      settings.accountant, first_round=rounds_done) for plan in exp.levels]
-  return rounds_done + min(fits)
+  return budget.rounds_within_budget(exp, ledgers, rounds_done)[0]
 
 
 def _json_number(value: float) -> float | str:
@@ -184,46 +186,78 @@ def _json_numbers(tree: Any) -> Any:
 
 
 def run(config: Config, out_dir: str | Path, resume: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
   """Trains, evaluates and checkpoints as `config` says; returns the summary dict."""
-  return run_experiment(build(config), out_dir, resume, progress)
+  return run_experiment(build(config), out_dir, resume, progress, overwrite)
 
 
 def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
   """Runs an `Experiment` (from `experiment.assemble` or `build`); returns the summary dict.
 
   Rounds run in blocks (many rounds per device call where the backend is
   traceable and the population lives on the device); each level's ledger
   records the events the running mechanism reports; evaluation, metrics
-  lines, checkpoints and the budget stop follow `exp.settings`. With
-  `resume`, continues from `out_dir/checkpoint.npz`.
+  lines, checkpoints and the budget stop follow `exp.settings`.
+
+  The run holds `out_dir` under the run-directory protocol
+  (`run_directory`): one run at a time, and a directory that already holds
+  a run is refused unless `resume` (continue it from its verified
+  checkpoint) or `overwrite` (replace it, once every check has passed).
+
+  Raises:
+    ValueError: a refusal (locked or occupied directory, a mix of runs,
+      corrupt state, a budget the first round exceeds), one line; nothing
+      in `out_dir` is changed.
+    checkpoint.WriteError: an output file could not be written.
   """
+  directory = RunDirectory(out_dir)
+  directory.acquire()
+  try:
+    return _run_in(directory, exp, resume, progress, overwrite)
+  finally:
+    directory.release()
+
+
+def _expected_ledgers(exp: Experiment, rounds: int) -> dict[str, dict]:
+  """Each level's ledger state after `rounds` rounds of the run's plans."""
+  ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
+  for plan in exp.levels:
+    for r in range(rounds):
+      ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
+  return {unit: ledger.state_dict() for unit, ledger in ledgers.items()}
+
+
+def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bool,
+            overwrite: bool) -> dict[str, Any]:
   sim = exp.settings
   description = sim.description
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  log = ckpt.MetricsLog(out / "metrics.jsonl")
-  checkpoint_path = out / "checkpoint.npz"
+  log = directory.metrics
 
   init_key, rounds_key = jax.random.split(jax.random.key(sim.seed))
   state = server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
   ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
   start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0}
-  if resume and checkpoint_path.exists():
-    state, extra = ckpt.load_checkpoint(checkpoint_path, state)
-    _check_resumable(extra["config"], description)
+  # Everything is checked before anything in the directory changes (`begin`).
+  restored = directory.restore(resume, overwrite, state,
+                               lambda rounds: _expected_ledgers(exp, rounds), description,
+                               lambda saved: _check_resumable(saved, description))
+  if restored is not None and restored.extra is not None:
+    state, extra = restored.state, restored.extra
     start, totals = extra["round"], extra["totals"]
     ledgers = {unit: PrivacyLedger.from_state_dict(saved)
                for unit, saved in extra["ledgers"].items()}
-    log.truncate_after(start)
-  else:
-    log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
-  last_round = rounds_within_budget(exp, ledgers, start)
+  last_round, limit = budget.rounds_within_budget(exp, ledgers, start)
+  if last_round == 0 and limit == "delta":
+    raise ValueError(f"the first round alone takes delta_total past privacy.delta = {sim.delta} "
+                     f"(+{budget.DELTA_SLACK:.0%}; truncated Poisson sampling adds to delta); "
+                     "raise the noise multiplier, or set privacy.allow_delta_overflow = true to "
+                     "accept it")
   if last_round == 0:
     raise ValueError(f"privacy.epsilon_budget = {sim.epsilon_budget} is exceeded by "
                      "the first round alone; raise the budget or the noise multiplier")
-  ckpt.write_json(out / "config.json", description)
+  budget.check_planned_delta(exp, ledgers, start, last_round)
+  run_id = directory.begin(restored, description)
 
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
@@ -265,21 +299,21 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
       if evaluation_due(end):
         log_evaluation(metrics, cohorts)
       if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == last_round:
-        _save(checkpoint_path, state, end, totals, ledgers, description)
+        _save(directory, state, end, totals, ledgers, description)
   except KeyboardInterrupt:
     # A block cut short had donated the state it started from; otherwise the
     # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
       if evaluation_due(start):
         log_evaluation(metrics, cohorts)
-      _save(checkpoint_path, state, start, totals, ledgers, description)
+      _save(directory, state, start, totals, ledgers, description)
     raise
   finally:
     bar.close()
 
   # Also right when resuming a run that had already finished.
   accuracy, loss = (float(v) for v in evaluator(state.params))
-  report = _privacy_report(exp, ledgers, stopped_by_budget=start < sim.rounds)
+  report = _privacy_report(exp, ledgers, stopped_by=limit if start < sim.rounds else None)
   summary = {
       "test_accuracy": _json_number(accuracy),
       "test_loss": _json_number(loss),
@@ -291,8 +325,9 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
       "examples_per_s": totals["examples"] / max(totals["wall"], 1e-9),
       "num_clients": exp.train.num_clients,
       "privacy": _json_numbers(report),
+      "run_id": run_id,
   }
-  ckpt.write_json(out / "summary.json", summary)
+  directory.write_summary(summary)
   return summary
 
 
@@ -312,10 +347,10 @@ def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, to
   return record
 
 
-def _save(path, state, round_index, totals, ledgers, description: dict) -> None:
-  ckpt.save_checkpoint(path, state, {
+def _save(directory, state, round_index, totals, ledgers, description: dict) -> None:
+  directory.save_checkpoint(state, {
       "round": round_index, "totals": totals, "config": description,
-      "ledgers": {unit: ledger.state_dict() for unit, ledger in ledgers.items()}})
+      "ledgers": {unit: ledger.state_dict() for unit, ledger in ledgers.items()}}, description)
 
 
 def _check_resumable(saved: dict, current: dict) -> None:

@@ -43,9 +43,10 @@ def test_every_run_equals_the_runner_on_its_config(grid_result, tmp_path):
   result, grid = grid_result
   assert result.traced == tuple(grid) and result.outer == ()
   assert len(result.rows) == 8
-  for row in (result.rows[0], result.rows[-3]):
+  for i, row in enumerate((result.rows[0], result.rows[-3])):
     overrides = [f"{key}={row[key]}" for key in grid]
-    summary = runner.run(_config(*overrides), tmp_path / str(len(overrides)), progress=False)
+    # One directory per run: a run directory holds one run (run_directory).
+    summary = runner.run(_config(*overrides), tmp_path / str(i), progress=False)
     assert row["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1.5 / 360)
     assert row["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
     assert row["epsilon"] == pytest.approx(summary["privacy"]["epsilon"], rel=1e-9)
