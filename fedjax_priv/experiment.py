@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
+import jax
 import numpy as np
 import optax
 
@@ -591,6 +592,13 @@ def build(config: Config) -> Experiment:
                                config.client.local_steps)
   else:
     batching = Batching(config.client.local_steps, config.client.batch_size)
+  # Shapes only (no allocation): the exact model and example sizes, checked
+  # before anything is allocated on the device.
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  config_lib.check_sizes(
+      config, example_bytes=math.prod(train.feature_shape) * np.dtype(train.x_dtype).itemsize,
+      param_bytes=sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params)),
+      batch_size=batching.batch_size)
   levels = privacy_levels(config, train, participation, batching)
   config = resolved(config, levels)
   training = make_training(config, model, participation, hyperparameters(config, levels))

@@ -80,11 +80,20 @@ def make_evaluator(exp: Experiment):
   return evaluator
 
 
-def _block_ends(start: int, rounds: int, eval_every: int, checkpoint_every: int) -> list[int]:
-  ends = {rounds} | set(range(eval_every, rounds, eval_every))
-  if checkpoint_every:
-    ends |= set(range(checkpoint_every, rounds, checkpoint_every))
-  return sorted(e for e in ends if e > start)
+def _block_ends(start: int, rounds: int, eval_every: int, checkpoint_every: int
+                ) -> Iterator[int]:
+  """Rounds after `start` that end a block (evaluations, checkpoints, the last), in order.
+
+  Lazy: a schedule of any length costs no memory (rounds = 10^9 with
+  eval_every = 1 once built a billion-entry set).
+  """
+  end = start
+  while end < rounds:
+    following = (end // eval_every + 1) * eval_every
+    if checkpoint_every:
+      following = min(following, (end // checkpoint_every + 1) * checkpoint_every)
+    end = min(following, rounds)
+    yield end
 
 
 class _Trainer:

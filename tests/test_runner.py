@@ -301,3 +301,17 @@ def test_resume_of_a_finished_run_keeps_its_results(run_a, tmp_path):
   # Nothing left to train, but the summary must still report the model's accuracy.
   assert summary["test_accuracy"] == pytest.approx(a_summary["test_accuracy"], abs=1e-6)
   assert summary["test_loss"] == pytest.approx(a_summary["test_loss"], abs=1e-6)
+
+
+def test_block_schedule_is_lazy_and_matches_the_set_it_replaced():
+  """Blocks end at evaluations, checkpoints and the last round; rounds = 2^32 costs nothing."""
+  from fedjax_priv.runner import _block_ends
+  for start, rounds, every, checkpoint in [(0, 10, 3, 0), (4, 23, 5, 7), (0, 7, 10, 2),
+                                           (6, 6, 1, 0), (1, 12, 4, 6)]:
+    expected = {rounds} | set(range(every, rounds, every))
+    if checkpoint:
+      expected |= set(range(checkpoint, rounds, checkpoint))
+    assert list(_block_ends(start, rounds, every, checkpoint)) == sorted(
+        e for e in expected if e > start)
+  ends = _block_ends(0, 2**32, 1, 0)
+  assert [next(ends) for _ in range(3)] == [1, 2, 3]
