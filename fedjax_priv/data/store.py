@@ -95,6 +95,14 @@ def _little_endian(dtype) -> np.dtype:
   return dtype.newbyteorder("<") if dtype.byteorder not in ("|", "<") else dtype
 
 
+def _feature_dtype(dtype) -> np.dtype:
+  """A little-endian bool, integer or float dtype: what a store can hold and read back."""
+  dtype = _little_endian(dtype)
+  if dtype.kind not in "biuf":
+    raise ValueError(f"x_dtype must be a bool, integer or float dtype, got {dtype}")
+  return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreInfo:
   """What a store holds, from its metadata table.
@@ -181,11 +189,8 @@ class StoreInfo:
                        f"{values['compression']!r}")
     if not isinstance(values["extra"], dict):
       raise ValueError(f"{path}: metadata extra must be an object, got {values['extra']!r}")
-    x_dtype = _metadata_dtype(values, "x_dtype", path)
-    y_dtype = _metadata_dtype(values, "y_dtype", path)
-    if x_dtype.kind not in "biuf":
-      raise ValueError(f"{path}: metadata x_dtype must be a bool, integer or float dtype, got "
-                       f"{x_dtype}")
+    x_dtype = _metadata_dtype(values, "x_dtype", path, _feature_dtype)
+    y_dtype = _metadata_dtype(values, "y_dtype", path, _little_endian)
     if y_dtype.kind not in "iu":
       raise ValueError(f"{path}: metadata y_dtype must be an integer dtype, got {y_dtype}")
     shape = values["x_shape"]
@@ -217,12 +222,12 @@ class StoreInfo:
     )
 
 
-def _metadata_dtype(values: Mapping[str, Any], key: str, path: Path) -> np.dtype:
+def _metadata_dtype(values: Mapping[str, Any], key: str, path: Path, parse) -> np.dtype:
   try:
-    return _little_endian(values[key])
-  except (TypeError, ValueError):
-    raise ValueError(f"{path}: metadata {key} must be a plain numeric dtype, got "
-                     f"{values[key]!r}") from None
+    return parse(values[key])
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"{path}: metadata {key} = {values[key]!r} is not a dtype a store holds "
+                     f"({error})") from None
 
 
 class StoreWriter:
@@ -290,7 +295,7 @@ class StoreWriter:
     self._max_label = -1
     self._meta = dict(name=name, split=split, source=source, license=license,
                       y_dtype=y_dtype, compression=compression, extra=dict(extra or {}))
-    self._x_dtype = None if x_dtype is None else _little_endian(x_dtype)
+    self._x_dtype = None if x_dtype is None else _feature_dtype(x_dtype)
     self._x_shape = None if x_shape is None else tuple(int(d) for d in x_shape)
     self._partial = self._path.with_name(self._path.name + ".partial")
     self._partial.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +339,7 @@ class StoreWriter:
     if self._x_shape is None:
       self._x_shape = tuple(x.shape[1:])
     if self._x_dtype is None:
-      self._x_dtype = _little_endian(x.dtype)
+      self._x_dtype = _feature_dtype(x.dtype)
     if tuple(x.shape[1:]) != self._x_shape:
       raise ValueError(
           f"client {client_id!r}: x must have shape [n, *{self._x_shape}], got {x.shape}"

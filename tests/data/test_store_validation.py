@@ -196,3 +196,12 @@ def test_writer_refuses_labels_outside_num_classes_and_non_finite_features(tmp_p
     assert store.info.num_classes == 3
   with pytest.raises(ValueError, match="num_classes must be an integer"):
     StoreWriter(tmp_path / "t.sqlite", name="toy", num_classes=0)
+
+
+def test_writer_refuses_a_feature_dtype_it_could_not_read_back(tmp_path):
+  with pytest.raises(ValueError, match="x_dtype must be a bool, integer or float dtype"):
+    StoreWriter(tmp_path / "s.sqlite", name="toy", x_dtype="complex64")
+  with StoreWriter(tmp_path / "t.sqlite", name="toy") as writer:
+    with pytest.raises(ValueError, match="x_dtype must be a bool, integer or float dtype"):
+      writer.add("a", np.zeros((1, 2), np.complex64), [0])
+    writer.add("a", np.zeros((1, 2), np.float32), [0])
