@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
+import jax
 import numpy as np
 import optax
 
@@ -292,10 +293,26 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
                        if f.name != "description"},
         "privacy": {"participation": repr(participation),
                     "levels": [plan.description for plan in levels]}})
-  x_test, y_test = test
+  x_test, y_test = _checked_test_set(*test)
   return Experiment(config, train, x_test, y_test, model, participation.sampler(settings.seed),
                     client_update, aggregator, server_optimizer, round_fn, batching,
                     levels[0] if levels else None, tuple(levels), participation, settings)
+
+
+def _checked_test_set(x_test, y_test) -> tuple[np.ndarray, np.ndarray]:
+  """The test set, refused when evaluating it would report nan or index out of range."""
+  x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+  if x_test.ndim < 1 or y_test.shape != x_test.shape[:1] or not len(y_test):
+    raise ValueError(f"the test set needs x [n, ...] and y [n] with n >= 1, got x "
+                     f"{x_test.shape} and y {y_test.shape}")
+  if not np.issubdtype(y_test.dtype, np.integer) or y_test.min() < 0:
+    raise ValueError(f"test labels must be integers >= 0, got dtype {y_test.dtype} and minimum "
+                     f"{y_test.min()}")
+  if np.issubdtype(x_test.dtype, np.inexact) and not np.all(np.isfinite(x_test)):
+    bad = np.flatnonzero(~np.all(np.isfinite(x_test.reshape(len(x_test), -1)), axis=1))
+    raise ValueError(f"the test features hold NaN or inf in {len(bad)} examples (first: "
+                     f"{int(bad[0])}); a test loss over them would be nan")
+  return x_test, y_test
 
 
 def make_optimizer(name: str, learning_rate: Any,
@@ -534,6 +551,17 @@ def load_store(path: str, stream: bool = False
   return train, test.x, test.y
 
 
+def _store_num_classes(path: str) -> tuple[int, int]:
+  """The metadata num_classes of the store at `path` and of its test store (0 where unrecorded)."""
+  from fedjax_priv.data.prepare import heldout_store_path
+  from fedjax_priv.data.store import FederatedStore
+  recorded = []
+  for p in (path, heldout_store_path(path)):
+    with FederatedStore(p) as store:
+      recorded.append(store.info.num_classes or 0)
+  return tuple(recorded)
+
+
 def build(config: Config) -> Experiment:
   """Builds the experiment a config describes: one way to make the objects `assemble` takes.
 
@@ -550,10 +578,15 @@ def build(config: Config) -> Experiment:
     data = config.data
     train, x_test, y_test = federated_digits(data.num_clients, data.partition,
                                              data.dirichlet_alpha, data.seed, data.test_fraction)
+  x_test, y_test = _checked_test_set(x_test, y_test)
   privacy = config.privacy
   # A streamed store is scanned once, label blobs only, for the same class count.
   train_max_label = train.max_label() if config.data.stream else train.y.max()
   num_classes = int(max(train_max_label, y_test.max())) + 1
+  if config.data.dataset == "store":
+    # A store's recorded class count (labels were checked against it when read)
+    # sizes the model, even if no example holds the top class.
+    num_classes = max(num_classes, *_store_num_classes(config.data.store))
   model = _model(config, train.feature_shape, num_classes)
   participation = participation_of(config, train.num_clients)
   if privacy.unit in ("example", "both"):
@@ -564,6 +597,13 @@ def build(config: Config) -> Experiment:
                                config.client.local_steps)
   else:
     batching = Batching(config.client.local_steps, config.client.batch_size)
+  # Shapes only (no allocation): the exact model and example sizes, checked
+  # before anything is allocated on the device.
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  config_lib.check_sizes(
+      config, example_bytes=math.prod(train.feature_shape) * np.dtype(train.x_dtype).itemsize,
+      param_bytes=sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params)),
+      batch_size=batching.batch_size)
   levels = privacy_levels(config, train, participation, batching)
   config = resolved(config, levels)
   training = make_training(config, model, participation, hyperparameters(config, levels))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,7 @@ from jax import monitoring
 from tqdm.auto import tqdm
 
 from fedjax_priv import budget
+from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.server import ServerState, server_init
 from fedjax_priv.config import Config
 from fedjax_priv.data.device import gather_cohort
@@ -34,6 +36,10 @@ from fedjax_priv.run_directory import RunDirectory
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
 
 EVAL_BATCH = 512
+# Above this share of a block's real clients, dropped non-finite updates are
+# reported on the console: a few are noise, many mean a bad setting
+# (learning rate, clip norm) and a result trained on the rest.
+NONFINITE_WARNING_SHARE = 0.1
 # Config fields that may change when a run is resumed: they do not change results.
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "backend", "client_chunk_size",
                      "data_on_device"}
@@ -82,11 +88,20 @@ def make_evaluator(exp: Experiment):
   return evaluator
 
 
-def _block_ends(start: int, rounds: int, eval_every: int, checkpoint_every: int) -> list[int]:
-  ends = {rounds} | set(range(eval_every, rounds, eval_every))
-  if checkpoint_every:
-    ends |= set(range(checkpoint_every, rounds, checkpoint_every))
-  return sorted(e for e in ends if e > start)
+def _block_ends(start: int, rounds: int, eval_every: int, checkpoint_every: int
+                ) -> Iterator[int]:
+  """Rounds after `start` that end a block (evaluations, checkpoints, the last), in order.
+
+  Lazy: a schedule of any length costs no memory (rounds = 10^9 with
+  eval_every = 1 once built a billion-entry set).
+  """
+  end = start
+  while end < rounds:
+    following = (end // eval_every + 1) * eval_every
+    if checkpoint_every:
+      following = min(following, (end // checkpoint_every + 1) * checkpoint_every)
+    end = min(following, rounds)
+    yield end
 
 
 class _Trainer:
@@ -286,6 +301,8 @@ def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bo
       with _stopwatch() as times:
         new_state, metrics = trainer.run(state, keys, cohorts)
         metrics = jax.device_get(metrics)
+      _warn_if_nonfinite(metrics, start, end)
+      _check_finite_model(new_state, metrics, start, end)
       # The ledger is charged before `state` moves on, so no checkpoint can
       # ever hold a state that trained on rounds its ledger lacks.
       for plan in exp.levels:
@@ -329,6 +346,41 @@ def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bo
   }
   directory.write_summary(summary)
   return summary
+
+
+def _warn_if_nonfinite(metrics: dict, start: int, end: int) -> None:
+  """One stderr line when non-finite updates exceed NONFINITE_WARNING_SHARE of the block's clients.
+
+  Those updates were already left out of the sums (the round builder zeroes
+  them and counts them in `nonfinite_clients`); the line says how many.
+  """
+  dropped = float(np.sum(metrics.get("nonfinite_clients", 0.0)))
+  real = dropped + float(np.sum(metrics.get("clients", 0.0)))
+  if real and dropped > NONFINITE_WARNING_SHARE * real:
+    tqdm.write(f"warning: {_rounds_text(start, end)}: {dropped:.0f} of {real:.0f} client updates were NaN or inf "
+               "and were left out of the aggregate", file=sys.stderr)
+
+
+def _rounds_text(start: int, end: int) -> str:
+  """The rounds of a block, 1-based as the console counts them."""
+  return f"round {end}" if end == start + 1 else f"rounds {start + 1}-{end}"
+
+
+def _check_finite_model(state: ServerState, metrics: dict, start: int, end: int) -> None:
+  """Refuses to go on (ValueError) when the block left the server model NaN or inf.
+
+  Non-finite client updates are left out of the sums, but finite ones can
+  still overflow float32 when summed (a learning rate of 1e37 without
+  clipping); every later round and evaluation would then be nan.
+  """
+  if bool(tree_util.all_finite(state.params)):
+    return
+  norms = np.asarray(metrics.get("update_norm", [math.nan]))
+  raise ValueError(
+      f"{_rounds_text(start, end)}: the server model became NaN or inf (largest update_norm "
+      f"{float(np.max(norms)):.3g}): the clients' updates or their sum overflowed float32. "
+      "Lower client.learning_rate or server.learning_rate, or clip the updates "
+      "(privacy.unit = user bounds each by privacy.clip_norm)")
 
 
 def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, totals):
