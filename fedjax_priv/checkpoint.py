@@ -18,12 +18,27 @@ import jax
 import numpy as np
 
 
+def file_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the process's umask.
+
+  Every output file gets it, so a run directory does not mix the 0600 of
+  `tempfile.mkstemp` with the umask's mode of appended files.
+  """
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see the old or the new file, whole."""
+  """Writes `data` to `path` so that readers see the old or the new file, whole.
+
+  The file gets `file_mode()`, as if created with open().
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, file_mode())
     with os.fdopen(fd, "wb") as handle:
       handle.write(data)
       handle.flush()

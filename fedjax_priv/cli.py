@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -140,8 +141,33 @@ def _calibrate(config: config_lib.Config) -> int:
   return 0
 
 
+def _interrupted_line(stopped, args, out: Path) -> str:
+  """The one line printed when a run is stopped by a signal: what was kept and how to go on."""
+  import signal
+  name = signal.Signals(stopped.signum).name
+  if stopped.checkpoint is None:
+    return f"fedjax-priv: {name} before the first checkpoint; nothing to resume"
+  command = ["fedjax-priv", "run", args.config, "--out", str(out), "--resume"]
+  for override in args.overrides:
+    command += ["--set", override]
+  if args.no_progress:
+    command.append("--no-progress")
+  return (f"fedjax-priv: {name}: checkpoint at round {stopped.rounds_done} in "
+          f"{stopped.checkpoint}; resume with: {shlex.join(command)}")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  try:
+    return _dispatch(args)
+  except KeyboardInterrupt:
+    # Ctrl-C outside a run's training loop (loading, compiling, a sweep):
+    # nothing was saved, so no traceback and no resume hint.
+    print(f"fedjax-priv: interrupted during {args.command}", file=sys.stderr)
+    return 130
+
+
+def _dispatch(args) -> int:
   if args.command == "data":
     return _data_prepare(args)
   try:
@@ -156,11 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     return _calibrate(config)
   out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
   from fedjax_priv import runner  # Imports JAX; kept off the config-error path.
+  from fedjax_priv.interrupts import Interrupted
   try:
-    summary = runner.run(config, out, resume=args.resume, progress=not args.no_progress)
+    summary = runner.run(config, out, resume=args.resume,
+                         progress=False if args.no_progress else None)
   except ValueError as error:
     print(f"fedjax-priv: {error}", file=sys.stderr)
     return 2
+  except Interrupted as stopped:
+    print(_interrupted_line(stopped, args, out), file=sys.stderr, flush=True)
+    return stopped.exit_status
   privacy = summary["privacy"]
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "rounds",
                                             "wall_time_s", "compile_time_s")}, indent=2))

@@ -93,7 +93,13 @@ class SimulationConfig:
   sampling: str = "fixed"           # fixed (uniform w/o replacement) | poisson
   seed: int = 0
   eval_every: int = 10
-  checkpoint_every: int = 0         # 0: only at the end
+  checkpoint_every: int = 0         # 0: only at the end (and by checkpoint_seconds)
+  # Also checkpoint after the first block of rounds ending this many seconds
+  # after the last checkpoint, so a killed run loses bounded work; 0: off.
+  checkpoint_seconds: float = 300.0
+  # Metric sinks: csv (rounds.csv, metrics.csv), tensorboard (tensorboardX),
+  # wandb, mlflow (off unless named; skipped with a warning if not installed).
+  log_to: tuple[str, ...] = ("csv", "tensorboard")
   data_on_device: bool = True       # population kept on the device as padded arrays
   straggler_fraction: float = 0.0   # share of each cohort that runs fewer local steps
   straggler_policy: str = "drop"    # drop (FedAvg's baseline) | partial (FedProx keeps the work)
@@ -124,6 +130,8 @@ CHOICES = {
     "simulation.sampling": ("fixed", "poisson"),
     "simulation.straggler_policy": ("drop", "partial"),
 }
+# simulation.log_to: where per-round metrics go (`metric_writers`).
+LOG_SINKS = ("csv", "tensorboard", "wandb", "mlflow")
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
             "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size",
@@ -132,7 +140,8 @@ POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
 NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.proximal_mu",
                 "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
                 "privacy.epsilon_budget",
-                "simulation.checkpoint_every", "simulation.seed", "data.seed")
+                "simulation.checkpoint_every", "simulation.checkpoint_seconds",
+                "simulation.seed", "data.seed")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -224,6 +233,10 @@ def validate(config: Config, population_known: bool | None = None) -> None:
       continue
     if not (value >= 0 and math.isfinite(value)):
       raise ConfigError(f"{key} must be >= 0, got {value!r}")
+  for sink in config.simulation.log_to:
+    if sink not in LOG_SINKS:
+      raise ConfigError(f"simulation.log_to: unknown sink {sink!r}; choose from "
+                        f"{', '.join(LOG_SINKS)}")
   if any(width < 1 for width in config.model.hidden):
     raise ConfigError(f"model.hidden widths must be >= 1, got {list(config.model.hidden)}")
   if not 0 < config.data.test_fraction < 1:

@@ -2,15 +2,31 @@
 
 Output files in the run directory:
   metrics.jsonl    one JSON line per evaluation (appended and fsynced)
+  metrics.csv, rounds.csv, tensorboard/
+                   the evaluations and the per-round training metrics for
+                   spreadsheets and TensorBoard (`metric_writers`,
+                   simulation.log_to)
   summary.json     final accuracy, loss, timing and the privacy report
+  curves.png       accuracy and loss against round and epsilon (`plots`)
   checkpoint.npz   server state, round and ledger (written atomically)
   config.json      the resolved config the run used
+
+Checkpoints are written every simulation.checkpoint_every rounds, at the end
+of the first block of rounds that finishes simulation.checkpoint_seconds
+after the last one (so a killed run loses bounded work), and on SIGINT or
+SIGTERM, after which `Interrupted` is raised (see `interrupts`).
+
+Times in the summary: `wall_time_s` is training (device work and its host
+side, without compilation), `compile_time_s` tracing and compiling,
+`eval_time_s` evaluating the test set, and `total_time_s` everything the run
+took, setup and writing files included, summed over resumed sessions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import monitoring
-from tqdm.auto import tqdm
 
 from fedjax_priv import checkpoint as ckpt
+from fedjax_priv import interrupts
+from fedjax_priv import metric_writers
+from fedjax_priv import plots
 from fedjax_priv.algorithms.server import ServerState, server_init
 from fedjax_priv.config import Config
 from fedjax_priv.data.device import gather_cohort
@@ -29,12 +47,13 @@ from fedjax_priv.data.packing import CohortData, pack_cohort, pad_population
 from fedjax_priv.experiment import Experiment, PrivacyPlan, RunSettings, build
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.privacy.accounting import PrivacyLedger
+from fedjax_priv.progress import Progress
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
 
 EVAL_BATCH = 512
 # Config fields that may change when a run is resumed: they do not change results.
-RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "backend", "client_chunk_size",
-                     "data_on_device"}
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "checkpoint_seconds", "backend",
+                     "client_chunk_size", "data_on_device", "log_to"}
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -184,21 +203,27 @@ def _json_numbers(tree: Any) -> Any:
 
 
 def run(config: Config, out_dir: str | Path, resume: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool | None = None) -> dict[str, Any]:
   """Trains, evaluates and checkpoints as `config` says; returns the summary dict."""
   return run_experiment(build(config), out_dir, resume, progress)
 
 
 def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool | None = None) -> dict[str, Any]:
   """Runs an `Experiment` (from `experiment.assemble` or `build`); returns the summary dict.
 
   Rounds run in blocks (many rounds per device call where the backend is
   traceable and the population lives on the device); each level's ledger
   records the events the running mechanism reports; evaluation, metrics
   lines, checkpoints and the budget stop follow `exp.settings`. With
-  `resume`, continues from `out_dir/checkpoint.npz`.
+  `resume`, continues from `out_dir/checkpoint.npz`. `progress`: True a
+  bar, False one plain line per evaluation, None a bar only on a terminal.
+
+  Raises:
+    interrupts.Interrupted: SIGINT or SIGTERM arrived; the rounds trained
+      are checkpointed first (resume with `resume=True`).
   """
+  session_start = time.perf_counter()
   sim = exp.settings
   description = sim.description
   out = Path(out_dir)
@@ -209,16 +234,17 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
   init_key, rounds_key = jax.random.split(jax.random.key(sim.seed))
   state = server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
   ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
-  start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0}
+  start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0, "eval": 0.0, "total": 0.0}
   if resume and checkpoint_path.exists():
     state, extra = ckpt.load_checkpoint(checkpoint_path, state)
     _check_resumable(extra["config"], description)
-    start, totals = extra["round"], extra["totals"]
+    start, totals = extra["round"], {**totals, **extra["totals"]}
     ledgers = {unit: PrivacyLedger.from_state_dict(saved)
                for unit, saved in extra["ledgers"].items()}
     log.truncate_after(start)
   else:
     log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
+  earlier_sessions = totals["total"]
   last_round = rounds_within_budget(exp, ledgers, start)
   if last_round == 0:
     raise ValueError(f"privacy.epsilon_budget = {sim.epsilon_budget} is exceeded by "
@@ -228,54 +254,82 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
   unit = "+".join(plan.unit for plan in exp.levels) or "non-private"
-  bar = tqdm(total=last_round, initial=start, disable=not progress, unit="round",
-             desc=f"{unit} {sim.backend}")
+  bar = Progress(last_round, start, progress, f"{unit} {sim.backend}")
+  writers = metric_writers.open_writers(sim.log_to, out, start, resume and start > 0,
+                                        log.read(), description, warn=bar.message)
   logged = start  # The last round whose metrics line is written.
+  last_saved = time.monotonic()
+  saved_round = start if start else None  # The round checkpoint.npz holds.
 
   def log_evaluation(metrics, cohorts):
     nonlocal logged
-    accuracy, loss = (float(v) for v in evaluator(state.params))
+    with _stopwatch() as times:
+      accuracy, loss = (float(v) for v in evaluator(state.params))
+    totals["eval"] += times["wall"] - times["compile"]
+    totals["compile"] += times["compile"]
     record = _eval_record(start, accuracy, loss, metrics, cohorts, exp, ledgers, totals)
     log.append(record)
     logged = start
-    bar.set_postfix(acc=f"{accuracy:.3f}", eps=record.get("epsilon", "inf"))
+    writers.write_evaluation(record)
+    bar.evaluation(record)
+
+  def save():
+    nonlocal last_saved, saved_round
+    totals["total"] = earlier_sessions + time.perf_counter() - session_start
+    _save(checkpoint_path, state, start, totals, ledgers, description)
+    last_saved, saved_round = time.monotonic(), start
+
+  def checkpoint_due(round_index):
+    return (round_index == last_round
+            or (sim.checkpoint_every and round_index % sim.checkpoint_every == 0)
+            or (sim.checkpoint_seconds and
+                time.monotonic() - last_saved >= sim.checkpoint_seconds))
 
   def evaluation_due(round_index):
     return round_index > logged and (round_index % sim.eval_every == 0 or
                                      round_index == last_round)
 
   metrics = cohorts = None
+  stop = interrupts.StopFlag()
   try:
-    for end in _block_ends(start, last_round, sim.eval_every, sim.checkpoint_every):
-      cohorts = [exp.sampler.sample(r) for r in range(start, end)]
-      keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
-      with _stopwatch() as times:
-        new_state, metrics = trainer.run(state, keys, cohorts)
-        metrics = jax.device_get(metrics)
-      # The ledger is charged before `state` moves on, so no checkpoint can
-      # ever hold a state that trained on rounds its ledger lacks.
-      for plan in exp.levels:
-        for r in range(start, end):
-          ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
-      totals["wall"] += times["wall"] - times["compile"]
-      totals["compile"] += times["compile"]
-      totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
-      state, start = new_state, end
-      bar.update(len(cohorts))
-      if evaluation_due(end):
-        log_evaluation(metrics, cohorts)
-      if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == last_round:
-        _save(checkpoint_path, state, end, totals, ledgers, description)
+    with interrupts.stop_on_signals(announce=bar.message) as stop:
+      for end in _block_ends(start, last_round, sim.eval_every, sim.checkpoint_every):
+        cohorts = [exp.sampler.sample(r) for r in range(start, end)]
+        keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
+        with _stopwatch() as times:
+          new_state, metrics = trainer.run(state, keys, cohorts)
+          metrics = jax.device_get(metrics)
+        # The ledger is charged before `state` moves on, so no checkpoint can
+        # ever hold a state that trained on rounds its ledger lacks.
+        for plan in exp.levels:
+          for r in range(start, end):
+            ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
+        totals["wall"] += times["wall"] - times["compile"]
+        totals["compile"] += times["compile"]
+        totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
+        writers.write_rounds(start, metrics)
+        state, start = new_state, end
+        bar.advance(len(cohorts))
+        if evaluation_due(end):
+          log_evaluation(metrics, cohorts)
+        if checkpoint_due(end) or stop:
+          save()
+        if stop:
+          raise interrupts.Interrupted(stop.signum, start, str(checkpoint_path))
+  except interrupts.Interrupted:
+    raise
   except KeyboardInterrupt:
     # A block cut short had donated the state it started from; otherwise the
     # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
       if evaluation_due(start):
         log_evaluation(metrics, cohorts)
-      _save(checkpoint_path, state, start, totals, ledgers, description)
-    raise
+      save()
+    raise interrupts.Interrupted(stop.signum or signal.SIGINT, saved_round or 0,
+                                 None if saved_round is None else str(checkpoint_path)) from None
   finally:
     bar.close()
+    writers.close()
 
   # Also right when resuming a run that had already finished.
   accuracy, loss = (float(v) for v in evaluator(state.params))
@@ -288,17 +342,21 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
       "backend": sim.backend,
       "wall_time_s": totals["wall"],
       "compile_time_s": totals["compile"],
+      "eval_time_s": totals["eval"],
+      "total_time_s": earlier_sessions + time.perf_counter() - session_start,
       "examples_per_s": totals["examples"] / max(totals["wall"], 1e-9),
       "num_clients": exp.train.num_clients,
       "privacy": _json_numbers(report),
   }
   ckpt.write_json(out / "summary.json", summary)
+  plots.plot([out], out / "curves.png", title=f"{out.name}: {unit} {sim.backend}")
   return summary
 
 
 def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, totals):
   record = {"round": round_index, "test_accuracy": accuracy, "test_loss": loss,
             "wall_time_s": totals["wall"], "compile_time_s": totals["compile"],
+            "eval_time_s": totals["eval"],
             "cohort_overflow": int(sum(c.overflow for c in cohorts))}
   for name, values in metrics.items():
     summed = name in ("nonfinite_clients", "batch_overflow")

@@ -206,3 +206,22 @@ def test_truncate_drops_torn_line_so_appends_stay_readable(tmp_path):
   log.truncate_after(2)
   log.append({"round": 4})
   assert [r["round"] for r in log.read()] == [2, 4]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
+def test_every_output_file_gets_the_umask_mode(tmp_path, umask):
+  from fedjax_priv import metric_writers
+  old = os.umask(umask)
+  try:
+    ckpt.write_atomic(tmp_path / "a.bin", b"x")
+    ckpt.write_json(tmp_path / "b.json", {"a": 1})
+    ckpt.save_checkpoint(tmp_path / "c.npz", {"w": np.zeros(2)}, {"round": 1})
+    ckpt.MetricsLog(tmp_path / "metrics.jsonl").append({"round": 1})
+    writer = metric_writers.CsvWriter(tmp_path, 0, [])
+    writer.write_rounds(0, {"train_loss": np.ones(2)})
+    writer.write_evaluation({"round": 1, "test_accuracy": 0.5})
+  finally:
+    os.umask(old)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+  assert len(modes) == 6
+  assert set(modes.values()) == {0o666 & ~umask}, modes
