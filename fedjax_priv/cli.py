@@ -3,6 +3,7 @@
   fedjax-priv run CONFIG.toml [--set section.key=value ...] [--out DIR] [--resume]
   fedjax-priv sweep CONFIG.toml --grid section.key=v1,v2,... [--grid ...] [--set ...] [--out DIR]
   fedjax-priv calibrate CONFIG.toml [--set ...]
+  fedjax-priv plot DIR... [--out PNG]
   fedjax-priv data prepare NAME [--source PATH] [--out PATH] [options]
 
 Exit status 2 and a message naming the key for a bad config, before anything
@@ -47,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
   calibrate.add_argument("config", help="TOML config file")
   calibrate.add_argument("--set", dest="overrides", action="append", default=[],
                          metavar="KEY=VALUE", help="override a config key")
+  plot = commands.add_parser(
+      "plot", help="draw accuracy and loss against round and epsilon for runs or sweeps")
+  plot.add_argument("paths", nargs="+", metavar="DIR",
+                    help="run directories (fedjax-priv run) or sweep directories "
+                    "(fedjax-priv sweep); runs differing only in simulation.seed are averaged")
+  plot.add_argument("--out", default=None,
+                    help="PNG to write (default: DIR/curves.png for one directory, else "
+                    "./curves.png)")
   _add_data_parser(commands)
   return parser
 
@@ -94,6 +103,27 @@ def _data_prepare(args) -> int:
   return 0
 
 
+def _plot(args) -> int:
+  from fedjax_priv import plots  # Imports matplotlib; kept off the other commands' path.
+  out = Path(args.out) if args.out else (
+      Path(args.paths[0]) / "curves.png" if len(args.paths) == 1 else Path("curves.png"))
+  try:
+    series = plots.plot(args.paths, out)
+  except (OSError, ValueError) as error:
+    print(f"fedjax-priv: {error}", file=sys.stderr)
+    return 2
+  for s in series:
+    final = {name: s.mean[name][-1] for name in plots.METRICS}
+    spread = s.high["test_accuracy"][-1] - s.low["test_accuracy"][-1]
+    privacy = ("no privacy" if s.delta is None else
+               f"epsilon {s.epsilon[-1]:.4g} at delta {s.delta:.3g}")
+    print(f"{s.label}: {len(s.seeds)} seed{'s' if len(s.seeds) > 1 else ''}, round "
+          f"{s.rounds[-1]}: test_acc {final['test_accuracy']:.4f} (range {spread:.4f}), "
+          f"test_loss {final['test_loss']:.4f}, {privacy}")
+  print(f"wrote {out}")
+  return 0
+
+
 def _enable_compilation_cache() -> None:
   """Persistent XLA cache: compiling dominates short runs on a CPU (DESIGN.md)."""
   import jax
@@ -117,10 +147,12 @@ def _sweep(args, config: config_lib.Config) -> int:
     return 2
   paths = sweep_lib.write_results(result, out)
   keys = list(grid)
-  print("  ".join(keys + ["noise_mult", "epsilon", "test_acc"]))
+  print("  ".join(keys + ["noise_mult", "epsilon", "delta", "delta_total", "test_acc"]))
   for row in result.rows:
+    delta, delta_total = (f"{row.get(k):.3g}" if row.get(k) is not None else "-"
+                          for k in ("delta", "delta_total"))
     print("  ".join([str(row[k]) for k in keys] + [f"{row['noise_multiplier']:.4g}",
-                                                   f"{row['epsilon']:.3f}",
+                                                   f"{row['epsilon']:.3f}", delta, delta_total,
                                                    f"{row['test_accuracy']:.4f}"]))
   print(f"{len(result.rows)} runs: compile {result.compile_s:.1f} s, train {result.wall_s:.1f} s; "
         f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -128,12 +160,39 @@ def _sweep(args, config: config_lib.Config) -> int:
 
 
 def _calibrate(config: config_lib.Config) -> int:
-  from fedjax_priv.experiment import calibrate  # Imports JAX; kept off the config-error path.
+  """Prints each targeted level's sigma with what it buys: epsilon, delta, delta_total,
+  sampling rate, rounds and accountant; then the --set lines. Exit 2 without a target."""
+  privacy = config.privacy
+  if privacy.unit == "both":
+    targets = {"user": privacy.target_epsilon, "example": privacy.example_target_epsilon}
+  else:
+    targets = {privacy.unit: privacy.target_epsilon}
+  if privacy.unit == "none" or not any(t > 0 for t in targets.values()):
+    print("fedjax-priv: calibrate needs a target: set privacy.target_epsilon (and, under "
+          "privacy.unit = both, privacy.example_target_epsilon), e.g. "
+          "--set privacy.target_epsilon=3", file=sys.stderr)
+    return 2
+  # Imports JAX; kept off the config-error path.
+  from fedjax_priv.experiment import build, calibrate
+  from fedjax_priv.privacy.ledger import PrivacyLedger
   try:
     calibrated = calibrate(config)
+    levels = build(calibrated).levels
   except ValueError as error:
     print(f"fedjax-priv: {error}", file=sys.stderr)
     return 2
+  rounds = config.simulation.rounds
+  for plan in levels:
+    if targets.get(plan.unit, 0.0) <= 0:
+      continue
+    ledger = PrivacyLedger()
+    for r in range(rounds):
+      ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
+    epsilon, delta_total = ledger.epsilon(privacy.delta, privacy.accountant)
+    print(f"{plan.unit} level: noise_multiplier {plan.noise_multiplier:.6g} gives epsilon "
+          f"{epsilon:.4g} (target {targets[plan.unit]:g}) at delta {privacy.delta:.3g}, "
+          f"delta_total {delta_total:.3g}; {plan.sampling} sampling at rate "
+          f"{plan.sampling_rate:.4g}, {rounds} rounds, {privacy.accountant} accountant")
   privacy = calibrated.privacy
   print(f"--set privacy.noise_multiplier={privacy.noise_multiplier:.6g}")
   if privacy.unit == "both":
@@ -170,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
   if args.command == "data":
     return _data_prepare(args)
+  if args.command == "plot":
+    return _plot(args)
   try:
     config = config_lib.load(args.config, args.overrides)
   except config_lib.ConfigError as error:
@@ -194,7 +255,10 @@ def _dispatch(args) -> int:
     return stopped.exit_status
   privacy = summary["privacy"]
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "rounds",
-                                            "wall_time_s", "compile_time_s")}, indent=2))
+                                            "wall_time_s", "compile_time_s", "eval_time_s",
+                                            "total_time_s")}, indent=2))
+  print(f"time: training {summary['wall_time_s']:.1f} s, compiling {summary['compile_time_s']:.1f} "
+        f"s, evaluating {summary['eval_time_s']:.1f} s; total {summary['total_time_s']:.1f} s")
   for level in privacy["levels"].values():
     epsilon = level["epsilon"]  # "inf" (a string in JSON) when sigma = 0.
     epsilon = f"{epsilon:.3f}" if isinstance(epsilon, float) else epsilon
@@ -204,7 +268,7 @@ def _dispatch(args) -> int:
   if privacy["stopped_by_budget"]:
     print(f"stopped after {summary['rounds']} of {summary['rounds_planned']} rounds: the next "
           f"round would exceed privacy.epsilon_budget = {privacy['epsilon_budget']}")
-  print(f"wrote {out}/summary.json and {out}/metrics.jsonl")
+  print(f"wrote {out}/summary.json, {out}/metrics.jsonl and {out}/curves.png")
   return 0
 
 

@@ -28,13 +28,14 @@ import numpy as np
 
 from fedjax_priv import checkpoint as ckpt
 from fedjax_priv import config as config_lib
+from fedjax_priv import plots
 from fedjax_priv.config import Config, ConfigError
 from fedjax_priv.data.packing import pad_population
 from fedjax_priv.experiment import (Hyperparameters, build, hyperparameters, make_sampler,
                                     make_training, privacy_levels)
 from fedjax_priv.privacy.accounting import PrivacyLedger
 from fedjax_priv.runner import make_evaluator
-from fedjax_priv.simulation.sweep import make_sweep_program
+from fedjax_priv.simulation.sweep import evaluation_rounds, make_sweep_program
 
 # Config keys a sweep traces (vmaps over) rather than recompiling for.
 TRACED = ("client.learning_rate", "server.learning_rate", "privacy.clip_norm",
@@ -44,14 +45,17 @@ TRACED = ("client.learning_rate", "server.learning_rate", "privacy.clip_norm",
 
 
 class SweepResult(NamedTuple):
-  """rows: one dict per run (grid values, sigma, epsilon, accuracy, ...);
+  """rows: one dict per run (grid values, sigma, epsilon, delta, accuracy, ...);
   traced / outer: the grid keys vmapped over / looped over (one compile per outer value);
-  compile_s / wall_s: XLA compile time and total wall time of the training programs."""
+  compile_s / wall_s: XLA compile time and total wall time of the training programs;
+  curves: per row, its evaluations as metrics.jsonl would hold them (round,
+  test_accuracy, test_loss, epsilon, delta_total), every eval_every rounds."""
   rows: list[dict[str, Any]]
   traced: tuple[str, ...]
   outer: tuple[str, ...]
   compile_s: float
   wall_s: float
+  curves: list[list[dict[str, Any]]] = []
 
 
 def parse_grid(texts: Sequence[str]) -> dict[str, list[Any]]:
@@ -95,30 +99,44 @@ def _cohorts(config: Config, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
           np.stack([c.mask for c in cohorts]).astype(np.float32))
 
 
-def _privacy_columns(config: Config, levels, known: dict) -> dict[str, Any]:
-  """Each level's sigma and epsilon after simulation.rounds rounds (as the runner reports).
+def _epsilon_curve(config: Config, plan, rounds: list[int], known: dict
+                   ) -> list[tuple[float, float]]:
+  """(epsilon, delta_total) of `plan` after each of `rounds` (as the runner reports them).
 
   `known` maps an accounting question to its answer within one sweep: runs
   that differ only in learning rates or seeds share their epsilon, and
   composing the events is the slow part.
   """
   privacy = config.privacy
+  question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
+              tuple(rounds), privacy.delta, privacy.accountant)
+  if question not in known:
+    ledger, answers = PrivacyLedger(), []
+    for r in range(rounds[-1]):
+      ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
+      if r + 1 in rounds:
+        answers.append(ledger.epsilon(privacy.delta, privacy.accountant))
+    known[question] = answers
+  return known[question]
+
+
+def _privacy_columns(config: Config, levels, known: dict) -> tuple[dict[str, Any], list]:
+  """Each level's sigma, epsilon and delta_total after simulation.rounds rounds, and the
+  primary level's (epsilon, delta_total) at every evaluation (None without privacy)."""
+  privacy, sim = config.privacy, config.simulation
   columns: dict[str, Any] = {"delta": privacy.delta if levels else None}
+  evaluated = evaluation_rounds(sim.rounds, sim.eval_every)
+  curve = [(float("inf"), None)] * len(evaluated)
   for i, plan in enumerate(levels):
-    question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
-                config.simulation.rounds, privacy.delta, privacy.accountant)
-    if question not in known:
-      ledger = PrivacyLedger()
-      for r in range(config.simulation.rounds):
-        ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
-      known[question] = ledger.epsilon(privacy.delta, privacy.accountant)
-    epsilon, delta_total = known[question]
+    answers = _epsilon_curve(config, plan, evaluated, known)
+    epsilon, delta_total = answers[-1]
     prefix = "" if i == 0 else f"{plan.unit}_"
     columns.update({f"{prefix}noise_multiplier": plan.noise_multiplier,
                     f"{prefix}epsilon": epsilon, f"{prefix}delta_total": delta_total})
+    curve = answers if i == 0 else curve
   if not levels:
     columns.update(noise_multiplier=0.0, epsilon=float("inf"))
-  return columns
+  return columns, curve
 
 
 def sweep(config: Config, grid: dict[str, Sequence[Any]],
@@ -155,12 +173,13 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
   configs = {i: [_with(config, {**o, **t}) for t in traced_points]
              for i, o in enumerate(outer_points)}
 
-  rows, compile_s, wall_s, known_epsilons = [], 0.0, 0.0, {}
+  rows, curves, compile_s, wall_s, known_epsilons = [], [], 0.0, 0.0, {}
   for i, outer_values in enumerate(outer_points):
     base = _with(config, outer_values)
+    evaluated = evaluation_rounds(base.simulation.rounds, base.simulation.eval_every)
     exp = build(base)
     population = jax.device_put(pad_population(exp.train))
-    points, seeds, indices, masks, privacy = [], [], [], [], []
+    points, seeds, indices, masks, privacy, epsilons = [], [], [], [], [], []
     for run_config in configs[i]:
       levels = privacy_levels(run_config, exp.train, exp.participation, exp.batching)
       points.append(hyperparameters(run_config, levels))
@@ -168,7 +187,9 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
       cohort_indices, cohort_masks = _cohorts(run_config, exp.train.num_clients)
       indices.append(cohort_indices)
       masks.append(cohort_masks)
-      privacy.append(_privacy_columns(run_config, levels, known_epsilons))
+      columns, curve = _privacy_columns(run_config, levels, known_epsilons)
+      privacy.append(columns)
+      epsilons.append(curve)
     training = functools.partial(make_training, base, exp.model, exp.participation)
     program = jax.jit(make_sweep_program(exp, training, make_evaluator(exp), max_parallel))
     args = (_stack(points), jnp.asarray(seeds, jnp.int32), population, np.stack(indices),
@@ -179,15 +200,29 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
     tic = time.perf_counter()
     out = jax.device_get(compiled(*args))
     wall_s += time.perf_counter() - tic
-    metrics = [{name: float(values[n]) for name, values in out.items()}
-               for n in range(len(points))]
-    for t, m, p in zip(traced_points, metrics, privacy):
+    metrics = [{name: float(values[n]) for name, values in out.items()
+                if not name.startswith("curve_")} for n in range(len(points))]
+    for n, (t, m, p) in enumerate(zip(traced_points, metrics, privacy)):
       rows.append({**outer_values, **t, **p, **m})
-  return SweepResult(rows, traced, outer, compile_s, wall_s)
+      curves.append([{"round": r, "test_accuracy": float(out["curve_test_accuracy"][n][e]),
+                      "test_loss": float(out["curve_test_loss"][n][e]),
+                      "epsilon": epsilons[n][e][0], "delta_total": epsilons[n][e][1]}
+                     for e, r in enumerate(evaluated)])
+  return SweepResult(rows, traced, outer, compile_s, wall_s, curves)
+
+
+def _json_safe(value: Any) -> Any:
+  return value if not isinstance(value, float) or np.isfinite(value) else str(value)
 
 
 def write_results(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:
-  """Writes results.csv, results.json and (with matplotlib) accuracy_vs_epsilon.png atomically."""
+  """Writes results.csv, results.json, curves.json and curves.png atomically.
+
+  curves.json holds every run's evaluations (`plots.read_sweep` reads it);
+  curves.png draws accuracy and loss against round and epsilon, the runs
+  that differ only in simulation.seed averaged with a band, delta on the
+  epsilon axis (`plots.plot`).
+  """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   columns = list(dict.fromkeys(key for row in result.rows for key in row))
@@ -200,24 +235,14 @@ def write_results(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:
   ckpt.write_json(paths["json"], {
       "traced": list(result.traced), "outer": list(result.outer),
       "compile_s": result.compile_s, "wall_s": result.wall_s,
-      "rows": [{k: (v if not isinstance(v, float) or np.isfinite(v) else str(v))
-                for k, v in row.items()} for row in result.rows]})
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-  except ImportError:
-    return paths
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  finite = [row for row in result.rows if np.isfinite(row["epsilon"])]
-  ax.scatter([row["epsilon"] for row in finite], [row["test_accuracy"] for row in finite])
-  ax.set_xlabel("epsilon (accountant)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(f"{len(result.rows)} runs; traced: {', '.join(result.traced) or '-'}", fontsize=8)
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=120)
-  plt.close(fig)
-  paths["png"] = out / "accuracy_vs_epsilon.png"
-  ckpt.write_atomic(paths["png"], buffer.getvalue())
+      "rows": [{k: _json_safe(v) for k, v in row.items()} for row in result.rows]})
+  grid_keys = result.outer + result.traced
+  paths["curves"] = out / "curves.json"
+  ckpt.write_json(paths["curves"], {"runs": [
+      {"settings": {key: row[key] for key in grid_keys}, "delta": row["delta"],
+       "evaluations": [{k: _json_safe(v) for k, v in record.items()} for record in curve]}
+      for row, curve in zip(result.rows, result.curves)]})
+  paths["png"] = out / "curves.png"
+  plots.plot([out], paths["png"], title=f"{len(result.rows)} runs; traced: "
+             f"{', '.join(result.traced) or '-'}; outer: {', '.join(result.outer) or '-'}")
   return paths
