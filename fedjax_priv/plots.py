@@ -36,6 +36,7 @@ class Curve(NamedTuple):
   test_loss: np.ndarray       # [n]
   epsilon: np.ndarray         # [n], inf without privacy
   delta: float | None         # the delta epsilon is stated at (privacy.delta), None without privacy
+  delta_total: float | None   # the delta spent by the last evaluation (>= delta: truncation)
 
 
 class Series(NamedTuple):
@@ -49,6 +50,7 @@ class Series(NamedTuple):
   rounds: np.ndarray
   epsilon: np.ndarray
   delta: float | None
+  delta_total: float | None
   mean: dict[str, np.ndarray]
   low: dict[str, np.ndarray]
   high: dict[str, np.ndarray]
@@ -63,8 +65,10 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 def _curve(settings: dict[str, Any], records: list[dict[str, Any]], delta) -> Curve:
   # float() also reads the "inf" strings strict JSON holds for infinite epsilons.
   column = lambda name, default: np.array([float(r.get(name, default)) for r in records])
+  spent = records[-1].get("delta_total")
   return Curve(settings, column("round", 0).astype(int), column("test_accuracy", math.nan),
-               column("test_loss", math.nan), column("epsilon", math.inf), delta)
+               column("test_loss", math.nan), column("epsilon", math.inf), delta,
+               None if spent is None else float(spent))
 
 
 def read_run(run_dir: str | Path) -> Curve:
@@ -124,15 +128,20 @@ def group(found: Sequence[Curve]) -> list[Series]:
         _label({k: first.settings.get(k) for k in varying}),
         tuple(int(c.settings.get(SEED_KEY, 0)) for c in members), np.asarray(rounds),
         # Seeds do not change the accounting: every member has the same epsilon.
-        stacked["epsilon"][0], first.delta,
+        stacked["epsilon"][0], first.delta, first.delta_total,
         {name: stacked[name].mean(axis=0) for name in METRICS},
         {name: stacked[name].min(axis=0) for name in METRICS},
         {name: stacked[name].max(axis=0) for name in METRICS}))
   return series
 
 
-def _delta_text(delta: float | None) -> str:
-  return "no privacy" if delta is None else f"δ = {delta:.3g}"
+def _delta_text(delta: float | None, delta_total: float | None = None) -> str:
+  """"δ = 1e-05", or with the delta actually spent where truncation made it larger."""
+  if delta is None:
+    return "no privacy"
+  if delta_total is not None and delta_total > delta * (1 + 1e-3):
+    return f"δ = {delta:.3g}, spent δ_total = {delta_total:.3g}"
+  return f"δ = {delta:.3g}"
 
 
 def plot(paths_or_curves: Sequence[str | Path | Curve], png: str | Path,
@@ -153,13 +162,13 @@ def plot(paths_or_curves: Sequence[str | Path | Curve], png: str | Path,
 
   series = group([c for c in paths_or_curves if isinstance(c, Curve)] +
                  read([p for p in paths_or_curves if not isinstance(p, Curve)]))
-  deltas = {s.delta for s in series}
+  deltas = {_delta_text(s.delta, s.delta_total) for s in series}
   one_delta = len(deltas) == 1
   fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
   for s in series:
     label = s.label + (f" (n={len(s.seeds)} seeds)" if len(s.seeds) > 1 else "")
     if not one_delta:
-      label += f", {_delta_text(s.delta)}"
+      label += f", {_delta_text(s.delta, s.delta_total)}"
     finite = np.isfinite(s.epsilon)
     for row, name in enumerate(METRICS):
       for column, (x, keep) in enumerate(((s.rounds, slice(None)), (s.epsilon, finite))):
@@ -168,7 +177,7 @@ def plot(paths_or_curves: Sequence[str | Path | Curve], png: str | Path,
         if len(s.seeds) > 1:
           ax.fill_between(x[keep], s.low[name][keep], s.high[name][keep],
                           color=line.get_color(), alpha=0.2)
-  epsilon_label = "ε" + (f" ({_delta_text(next(iter(deltas)))})" if one_delta else "")
+  epsilon_label = "ε" + (f" ({next(iter(deltas))})" if one_delta else "")
   for row, name in enumerate(METRICS):
     for column, xlabel in enumerate(("round", epsilon_label)):
       ax = axes[row][column]

@@ -75,3 +75,38 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+
+
+class BlockPacer:
+  """Cuts blocks of rounds so one device call lasts about `seconds`.
+
+  A block of `eval_every` rounds scanned in one device call can take minutes
+  (Fashion-MNIST CNN): the bar would not move, a signal would wait for it,
+  and `checkpoint_seconds` could not be kept. Once a block has been timed
+  (training time without compilation), later blocks are cut into pieces of
+  `cap = max(1, seconds / seconds_per_round)` rounds, fixed from then on, so
+  at most two new block lengths (cap and a remainder) are compiled. Blocks
+  that already take less than twice `seconds` are never cut, so short runs
+  compile exactly as before. Results do not depend on the cut: every round's
+  cohort and key are functions of (seed, round).
+  """
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+    self.cap: int | None = None
+
+  def ends(self, block_ends, current):
+    """Yields block ends: each of `block_ends`, reached in steps of at most `cap` rounds.
+
+    Args:
+      block_ends: increasing round numbers (evaluations, checkpoints, the last).
+      current: `() -> int`, the rounds done so far (read after each block).
+    """
+    for target in block_ends:
+      while current() < target:
+        yield target if self.cap is None else min(target, current() + self.cap)
+
+  def observe(self, rounds: int, train_seconds: float) -> None:
+    """Records that a block of `rounds` rounds trained in `train_seconds` (no compile)."""
+    if self.cap is None and rounds > 1 and train_seconds > 2 * self.seconds:
+      self.cap = max(1, int(self.seconds * rounds / train_seconds))

@@ -47,10 +47,13 @@ from fedjax_priv.data.packing import CohortData, pack_cohort, pad_population
 from fedjax_priv.experiment import Experiment, PrivacyPlan, RunSettings, build
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.privacy.accounting import PrivacyLedger
-from fedjax_priv.progress import Progress
+from fedjax_priv.progress import BlockPacer, Progress
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
 
 EVAL_BATCH = 512
+# A device call of more rounds than fit in about this many seconds is cut
+# (progress.BlockPacer): the bar moves, and signals and checkpoints wait less.
+BLOCK_SECONDS = 10.0
 # Config fields that may change when a run is resumed: they do not change results.
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "checkpoint_seconds", "backend",
                      "client_chunk_size", "data_on_device", "log_to"}
@@ -261,8 +264,12 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
   last_saved = time.monotonic()
   saved_round = start if start else None  # The round checkpoint.npz holds.
 
-  def log_evaluation(metrics, cohorts):
+  def log_evaluation():
     nonlocal logged
+    # Every block since the last evaluation: blocks may be cut (BlockPacer).
+    metrics = {name: np.concatenate([np.atleast_1d(m[name]) for m, _ in unlogged])
+               for name in unlogged[-1][0]}
+    cohorts = [c for _, block in unlogged for c in block]
     with _stopwatch() as times:
       accuracy, loss = (float(v) for v in evaluator(state.params))
     totals["eval"] += times["wall"] - times["compile"]
@@ -270,6 +277,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
     record = _eval_record(start, accuracy, loss, metrics, cohorts, exp, ledgers, totals)
     log.append(record)
     logged = start
+    unlogged.clear()
     writers.write_evaluation(record)
     bar.evaluation(record)
 
@@ -289,11 +297,13 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
     return round_index > logged and (round_index % sim.eval_every == 0 or
                                      round_index == last_round)
 
-  metrics = cohorts = None
+  unlogged = []  # (metrics, cohorts) of the blocks trained since the last evaluation.
   stop = interrupts.StopFlag()
   try:
     with interrupts.stop_on_signals(announce=bar.message) as stop:
-      for end in _block_ends(start, last_round, sim.eval_every, sim.checkpoint_every):
+      pacer = BlockPacer(BLOCK_SECONDS)
+      for end in pacer.ends(_block_ends(start, last_round, sim.eval_every, sim.checkpoint_every),
+                            lambda: start):
         cohorts = [exp.sampler.sample(r) for r in range(start, end)]
         keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
         with _stopwatch() as times:
@@ -306,12 +316,14 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
             ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
         totals["wall"] += times["wall"] - times["compile"]
         totals["compile"] += times["compile"]
+        pacer.observe(end - start, times["wall"] - times["compile"])
         totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
         writers.write_rounds(start, metrics)
+        unlogged.append((metrics, cohorts))
         state, start = new_state, end
         bar.advance(len(cohorts))
         if evaluation_due(end):
-          log_evaluation(metrics, cohorts)
+          log_evaluation()
         if checkpoint_due(end) or stop:
           save()
         if stop:
@@ -323,7 +335,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
     # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
       if evaluation_due(start):
-        log_evaluation(metrics, cohorts)
+        log_evaluation()
       save()
     raise interrupts.Interrupted(stop.signum or signal.SIGINT, saved_round or 0,
                                  None if saved_round is None else str(checkpoint_path)) from None
@@ -332,7 +344,10 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
     writers.close()
 
   # Also right when resuming a run that had already finished.
-  accuracy, loss = (float(v) for v in evaluator(state.params))
+  with _stopwatch() as times:
+    accuracy, loss = (float(v) for v in evaluator(state.params))
+  totals["eval"] += times["wall"] - times["compile"]
+  totals["compile"] += times["compile"]
   report = _privacy_report(exp, ledgers, stopped_by_budget=start < sim.rounds)
   summary = {
       "test_accuracy": _json_number(accuracy),

@@ -85,3 +85,17 @@ def test_plot_command_on_run_directories(tmp_path, capsys):
   accuracy = np.mean([[r["test_accuracy"] for r in log] for log in logged], axis=0)
   np.testing.assert_allclose(series[0].mean["test_accuracy"], accuracy, rtol=1e-12)
   assert cli.main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_delta_is_named_and_delta_total_when_it_exceeds_delta(tmp_path):
+  def curve(sigma, delta_total):
+    return plots.Curve({"privacy.noise_multiplier": sigma}, np.array([1, 2]),
+                       np.array([0.5, 0.6]), np.array([1.0, 0.9]), np.array([1.0, 2.0]),
+                       1e-5, delta_total)
+
+  assert plots._delta_text(1e-5, 1e-5) == "δ = 1e-05"
+  assert plots._delta_text(1e-5, 3e-5) == "δ = 1e-05, spent δ_total = 3e-05"
+  assert plots._delta_text(None) == "no privacy"
+  series = plots.plot([curve(0.5, 3e-5), curve(1.0, 1e-5)], tmp_path / "p.png")
+  assert [s.delta_total for s in series] == [3e-5, 1e-5]
+  assert (tmp_path / "p.png").exists()
