@@ -156,15 +156,16 @@ def plot(paths_or_curves: Sequence[str | Path | Curve], png: str | Path,
   Returns:
     The `Series` of the figure: mean over seeds with a min-max band.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  # The object-oriented API, not pyplot: drawing leaves the caller's backend
+  # (e.g. a notebook's) and open figures alone.
+  from matplotlib.figure import Figure
 
   series = group([c for c in paths_or_curves if isinstance(c, Curve)] +
                  read([p for p in paths_or_curves if not isinstance(p, Curve)]))
   deltas = {_delta_text(s.delta, s.delta_total) for s in series}
   one_delta = len(deltas) == 1
-  fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+  fig = Figure(figsize=(10, 7))
+  axes = fig.subplots(2, 2, squeeze=False)
   for s in series:
     label = s.label + (f" (n={len(s.seeds)} seeds)" if len(s.seeds) > 1 else "")
     if not one_delta:
@@ -189,6 +190,5 @@ def plot(paths_or_curves: Sequence[str | Path | Curve], png: str | Path,
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=110)
-  plt.close(fig)
   ckpt.write_atomic(png, buffer.getvalue())
   return series

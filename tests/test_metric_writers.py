@@ -110,3 +110,30 @@ def test_missing_package_is_reported_not_fatal(tmp_path, monkeypatch):
   writers.write_rounds(0, {"train_loss": np.array([1.0, 2.0])})
   assert (tmp_path / "rounds.csv").read_text().splitlines() == ["round,train_loss",
                                                                  "1,1.0", "2,2.0"]
+
+
+def test_resumed_run_writes_each_round_once(run_dir, tmp_path, monkeypatch):
+  """Interrupted after the first block, then resumed: rounds.csv and metrics.csv equal the
+  straight run's (the rows of rounds past the checkpoint are not kept twice)."""
+  original, calls = runner._Trainer.run, [0]
+
+  def interrupt_second_block(self, *args):
+    calls[0] += 1
+    if calls[0] == 2:
+      raise KeyboardInterrupt
+    return original(self, *args)
+
+  monkeypatch.setattr(runner._Trainer, "run", interrupt_second_block)
+  config = config_lib.load(None, TINY)
+  with pytest.raises(KeyboardInterrupt):
+    runner.run(config, tmp_path, progress=False)
+  monkeypatch.undo()
+  runner.run(config, tmp_path, resume=True, progress=False)
+  for name in ("rounds.csv", "metrics.csv"):
+    with open(tmp_path / name, newline="") as a, open(run_dir / name, newline="") as b:
+      got, want = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["round"] for r in got] == [r["round"] for r in want], name
+    for g, w in zip(got, want):
+      for key in ("train_loss", "test_accuracy", "epsilon"):
+        if key in w:
+          assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-5), (name, key)
