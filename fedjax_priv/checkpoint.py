@@ -40,10 +40,21 @@ class WriteError(OSError):
 
 def sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
+def file_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the process's umask.
+
+  Every output file gets it, so a run directory does not mix the 0600 of
+  `tempfile.mkstemp` with the umask's mode of appended files.
+  """
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
   """Writes `data` to `path` so that readers see the old or the new file, whole.
+
+  The file gets `file_mode()`, as if created with open().
 
   Raises:
     WriteError: the directory or the disk refused (the old file is kept).
@@ -55,6 +66,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
   except OSError as error:
     raise WriteError(path, error) from None
   try:
+    os.fchmod(fd, file_mode())
     with os.fdopen(fd, "wb") as handle:
       handle.write(data)
       handle.flush()

@@ -118,7 +118,13 @@ class SimulationConfig:
   sampling: str = "fixed"           # fixed (uniform w/o replacement) | poisson
   seed: int = 0
   eval_every: int = 10
-  checkpoint_every: int = 0         # 0: only at the end
+  checkpoint_every: int = 0         # 0: only at the end (and by checkpoint_seconds)
+  # Also checkpoint after the first block of rounds ending this many seconds
+  # after the last checkpoint, so a killed run loses bounded work; 0: off.
+  checkpoint_seconds: float = 300.0
+  # Metric sinks: csv (rounds.csv, metrics.csv), tensorboard (tensorboardX),
+  # wandb, mlflow (off unless named; skipped with a warning if not installed).
+  log_to: tuple[str, ...] = ("csv", "tensorboard")
   data_on_device: bool = True       # population kept on the device as padded arrays
   straggler_fraction: float = 0.0   # share of each cohort that runs fewer local steps
   straggler_policy: str = "drop"    # drop (FedAvg's baseline) | partial (FedProx keeps the work)
@@ -149,6 +155,8 @@ CHOICES = {
     "simulation.sampling": ("fixed", "poisson"),
     "simulation.straggler_policy": ("drop", "partial"),
 }
+# simulation.log_to: where per-round metrics go (`metric_writers`).
+LOG_SINKS = ("csv", "tensorboard", "wandb", "mlflow")
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
             "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size",
@@ -157,7 +165,8 @@ POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
 NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.proximal_mu",
                 "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
                 "privacy.epsilon_budget",
-                "simulation.checkpoint_every", "simulation.seed", "data.seed")
+                "simulation.checkpoint_every", "simulation.checkpoint_seconds",
+                "simulation.seed", "data.seed")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -219,6 +228,37 @@ def to_dict(config: Config) -> dict[str, Any]:
   return dataclasses.asdict(config)
 
 
+def _toml_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+  if isinstance(value, (tuple, list)):
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+  return repr(value)
+
+
+def to_toml(config: Config) -> str:
+  """The config as TOML, every key with its value (defaults included); `load` reads it back.
+
+  An unset noise multiplier (None) is written as a comment saying what the
+  run will use, since TOML has no null.
+  """
+  lines = []
+  for section, values in to_dict(config).items():
+    lines.append(f"[{section}]")
+    for name, value in values.items():
+      if value is None:
+        target = "target_epsilon" if name == "noise_multiplier" else "example_target_epsilon"
+        use = ("calibrated to privacy." + target if getattr(config.privacy, target) > 0
+               else f"{DEFAULT_NOISE_MULTIPLIER}")
+        lines.append(f"# {name} unset: {use}")
+      else:
+        lines.append(f"{name} = {_toml_value(value)}")
+    lines.append("")
+  return "\n".join(lines)
+
+
 def get(config: Config, key: str) -> Any:
   section, name = key.split(".")
   return getattr(getattr(config, section), name)
@@ -265,6 +305,10 @@ def validate(config: Config, population_known: bool | None = None) -> None:
   if len(config.model.hidden) > MAX_HIDDEN_LAYERS:
     raise ConfigError(f"model.hidden lists {len(config.model.hidden)} layers; at most "
                       f"{MAX_HIDDEN_LAYERS} are allowed")
+  for sink in config.simulation.log_to:
+    if sink not in LOG_SINKS:
+      raise ConfigError(f"simulation.log_to: unknown sink {sink!r}; choose from "
+                        f"{', '.join(LOG_SINKS)}")
   if any(width < 1 for width in config.model.hidden):
     raise ConfigError(f"model.hidden widths must be >= 1, got {list(config.model.hidden)}")
   check_sizes(config)

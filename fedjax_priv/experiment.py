@@ -159,12 +159,17 @@ class RunSettings:
     seed: seed of init, cohorts, batches and noise.
     eval_every, checkpoint_every: rounds between evaluations / checkpoints
       (0: only at the end).
+    checkpoint_seconds: also checkpoint at the end of the first block of
+      rounds that ends this many seconds after the last checkpoint, so a
+      killed run loses bounded work (0: off). Default 300 s.
     backend, client_chunk_size: the round builder's (`simulation.build_round`).
     data_on_device: keep the population on the device and scan many rounds
       per call.
     delta, accountant: the reported (epsilon, delta) and how it is computed.
     epsilon_budget: > 0: stop before the round that would take any level
       past it, or its delta_total past delta (`budget`).
+    log_to: metric sinks (`metric_writers.SINKS`): "csv", "tensorboard",
+      "wandb", "mlflow".
     description: JSON-serialisable record of what was built (the resolved
       config for `fedjax-priv run`), written to config.json and compared on
       resume.
@@ -181,6 +186,8 @@ class RunSettings:
   delta: float = 1e-5
   accountant: str = "rdp"
   epsilon_budget: float = 0.0
+  checkpoint_seconds: float = 300.0
+  log_to: tuple[str, ...] = ("csv", "tensorboard")
   description: dict = dataclasses.field(default_factory=dict)
   allow_delta_overflow: bool = False
 
@@ -195,6 +202,9 @@ class RunSettings:
       raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
     if self.accountant not in ("rdp", "pld"):
       raise ValueError(f"accountant must be rdp or pld, got {self.accountant!r}")
+    if not (self.checkpoint_seconds >= 0 and math.isfinite(self.checkpoint_seconds)):
+      raise ValueError(f"checkpoint_seconds must be a finite number >= 0, got "
+                       f"{self.checkpoint_seconds!r}")
     if not (self.epsilon_budget >= 0 and math.isfinite(self.epsilon_budget)):
       raise ValueError(f"epsilon_budget must be a finite number >= 0, got "
                        f"{self.epsilon_budget!r}")
@@ -520,7 +530,8 @@ def settings_of(config: Config) -> RunSettings:
   sim, privacy = config.simulation, config.privacy
   return RunSettings(sim.rounds, sim.seed, sim.eval_every, sim.checkpoint_every, sim.backend,
                      sim.client_chunk_size, sim.data_on_device, privacy.delta, privacy.accountant,
-                     privacy.epsilon_budget, config_lib.to_dict(config),
+                     privacy.epsilon_budget, sim.checkpoint_seconds, sim.log_to,
+                     config_lib.to_dict(config),
                      allow_delta_overflow=privacy.allow_delta_overflow)
 
 

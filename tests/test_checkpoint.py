@@ -269,3 +269,20 @@ def test_write_error_is_one_line_naming_the_path(tmp_path):
     ckpt.write_atomic(tmp_path / "file" / "sub" / "out.json", b"{}")
   message = str(info.value)
   assert "\n" not in message and str(tmp_path / "file") in message
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
+def test_every_output_file_gets_the_umask_mode(tmp_path, umask):
+  from fedjax_priv import metric_writers
+  old = os.umask(umask)
+  try:
+    ckpt.write_atomic(tmp_path / "a.bin", b"x")
+    ckpt.write_json(tmp_path / "b.json", {"a": 1})
+    ckpt.save_checkpoint(tmp_path / "c.npz", {"w": np.zeros(2)}, {"round": 1})
+    ckpt.MetricsLog(tmp_path / "metrics.jsonl").append({"round": 1})
+    writer = metric_writers.CsvWriter(tmp_path, 0, [])
+    writer.write_rounds(0, {"train_loss": np.ones(2)})
+    writer.write_evaluation({"round": 1, "test_accuracy": 0.5})
+  finally:
+    os.umask(old)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+  assert len(modes) == 6
+  assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -263,6 +263,10 @@ def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch
   _check_equals_run_a(run_a, config, out, atol=1e-6)
 
 
+def _files(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize("override, key", [
     ("privacy.noise_multiplier=0.7", "privacy.noise_multiplier"),
     ("privacy.clip_norm=2.0", "privacy.clip_norm"),
@@ -272,12 +276,12 @@ def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch
 def test_resume_with_changed_key_is_refused(interrupted, tmp_path, override, key):
   out = tmp_path / "b"
   shutil.copytree(interrupted, out)
-  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  before = _files(out)
   with pytest.raises(ValueError) as info:
     runner.run(_config(RESUME, override), out, resume=True, progress=False)
   assert key in str(info.value)
   # Nothing in the run directory changed.
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  assert _files(out) == before
 
 
 def test_resume_with_only_backend_changed(run_a, interrupted, tmp_path):

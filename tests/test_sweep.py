@@ -143,7 +143,9 @@ def test_cli_sweep_writes_csv_json_and_plot(tmp_path, capsys):
   assert [row["privacy.noise_multiplier"] for row in report["rows"]] == [0.8, 1.6]
   lines = (out / "results.csv").read_text().splitlines()
   assert len(lines) == 3 and "epsilon" in lines[0]
-  assert (out / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+  assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  header = next(line for line in printed.splitlines() if "epsilon" in line).split()
+  assert header[-4:] == ["epsilon", "delta", "delta_total", "test_acc"]
   assert np.isfinite(report["rows"][0]["epsilon"])
   assert cli.main(["sweep", str(config), "--grid", "privacy.bogus=1"]) == 2
 

@@ -9,7 +9,6 @@ must set XLA_FLAGS first.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
