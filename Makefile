@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,experiments]"
+	$(BIN)/python -m pip install --quiet -e ".[test,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedjax-priv run experiments/demo.toml --out runs/demo
+	$(BIN)/fedjax-priv run experiments/demo.toml --out runs/demo --overwrite
 
 # One pytest worker per core: most of the suite's time is single-threaded XLA
 # compilation (8m46s serial, 6m07s with 2 workers on a 2-core machine).

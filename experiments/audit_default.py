@@ -25,7 +25,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from fedjax_priv import config as config_lib

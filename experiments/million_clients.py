@@ -138,7 +138,7 @@ def _train_store(args, n: int, store: Path, stream: bool) -> dict:
   out = store.parent / f"run_{n}_{'stream' if stream else 'memory'}"
   with _Memory() as memory:
     start = time.perf_counter()
-    summary = runner.run(config, out, progress=False)
+    summary = runner.run(config, out, progress=False, overwrite=True)  # Re-runnable.
     total = time.perf_counter() - start
   return {"total_s": total, "compile_s": summary["compile_time_s"],
           "round_s": summary["wall_time_s"] / summary["rounds"],

@@ -8,13 +8,15 @@ README.md for a tour.
 
 from fedjax_priv import algorithms, data, models, privacy, secure, simulation
 from fedjax_priv.algorithms import ExampleDP, ServerState, make_client_update, server_init
-from fedjax_priv.data.device import ClientBatch, gather_cohort, sample_client_batches
+from fedjax_priv.data.device import gather_cohort, sample_client_batches
+from fedjax_priv.types import ClientBatch
 from fedjax_priv.models import Model
 from fedjax_priv.privacy import dp_mean, weighted_mean
 from fedjax_priv.simulation import build_round
 from fedjax_priv.simulation.participation import Cyclic, FixedSize, Full, Poisson, ShuffledEpochs
 from fedjax_priv.experiment import Experiment, RunSettings, assemble
 from fedjax_priv.runner import run_experiment
+from fedjax_priv.sweep import sweep_experiment
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,6 @@ __all__ = [
     "RunSettings", "ServerState", "ShuffledEpochs", "algorithms", "assemble", "build_round",
     "data", "dp_mean", "gather_cohort", "make_client_update", "models", "privacy",
     "run_experiment", "sample_client_batches", "secure", "server_init", "simulation",
+    "sweep_experiment",
     "weighted_mean",
 ]

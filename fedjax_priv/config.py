@@ -3,6 +3,15 @@
 A config is a tree of frozen dataclasses, one per TOML table. Every value is
 checked by `validate` before anything is built or compiled, and every error
 names the offending key, e.g. "privacy.noise_multiplier must be >= 0, got -1".
+
+Sizes are bounded before anything is allocated (`check_sizes`): an
+allocation a config asks for that exceeds `MEMORY_LIMIT_BYTES` is refused
+with the key and the bytes it would need. `validate` checks with one float
+per example and the layers between the hidden widths (lower bounds);
+`experiment.build` checks again with the data's example size and the
+model's exact parameter count. Seeds and round indices must fit in uint32
+(JAX folds them into keys as uint32: seed 2^32 is seed 0), and float values
+must be representable in float32, the dtype they are used in.
 """
 
 from __future__ import annotations
@@ -18,6 +27,18 @@ from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 class ConfigError(ValueError):
   """A config value or key is invalid; the message names the key."""
+
+
+# 1 TiB: more than the host or accelerator memory of any machine this toolkit
+# targets, so a size that needs more is a typo (rounds = 1e12, a 2-million
+# entry hidden list), refused before it hangs or ends in a MemoryError.
+MEMORY_LIMIT_BYTES = 1 << 40
+MAX_HIDDEN_LAYERS = 1024
+# Seeds become jax.random.key(seed) and rounds are folded in with
+# jax.random.fold_in(key, r): both take uint32, so 2^32 aliases 0.
+UINT32_LIMIT = 1 << 32
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")    # 3.4028235e38
+FLOAT32_TINY = float.fromhex("0x1p-149")          # smallest positive float32 (subnormal)
 
 
 # sigma of a level whose noise multiplier and target epsilon are both unset.
@@ -40,7 +61,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-  name: str = "mlp"                 # logistic_regression | mlp | cnn
+  name: str = "mlp"                 # logistic_regression | mlp | cnn | tanh_cnn
   hidden: tuple[int, ...] = (64,)   # mlp widths
   conv_impl: str = "auto"           # cnn: auto | xla | patches
 
@@ -78,6 +99,10 @@ class PrivacyConfig:
   delta: float = 1e-5
   accountant: str = "rdp"           # rdp | pld
   epsilon_budget: float = 0.0       # > 0: train only the rounds whose epsilon stays within it
+  # Accept a delta_total (delta + the truncation term of Poisson sampling) above
+  # delta: without it, the budget stops before delta_total passes delta and a
+  # run planned above 10 x delta is refused (fedjax_priv/budget.py).
+  allow_delta_overflow: bool = False
   # Account fixed-size cohorts as Poisson with q = K / N: an approximation,
   # not a proof, warned about at every run; off by default.
   fixed_as_poisson: bool = False
@@ -93,7 +118,13 @@ class SimulationConfig:
   sampling: str = "fixed"           # fixed (uniform w/o replacement) | poisson
   seed: int = 0
   eval_every: int = 10
-  checkpoint_every: int = 0         # 0: only at the end
+  checkpoint_every: int = 0         # 0: only at the end (and by checkpoint_seconds)
+  # Also checkpoint after the first block of rounds ending this many seconds
+  # after the last checkpoint, so a killed run loses bounded work; 0: off.
+  checkpoint_seconds: float = 300.0
+  # Metric sinks: csv (rounds.csv, metrics.csv), tensorboard (tensorboardX),
+  # wandb, mlflow (off unless named; skipped with a warning if not installed).
+  log_to: tuple[str, ...] = ("csv", "tensorboard")
   data_on_device: bool = True       # population kept on the device as padded arrays
   straggler_fraction: float = 0.0   # share of each cohort that runs fewer local steps
   straggler_policy: str = "drop"    # drop (FedAvg's baseline) | partial (FedProx keeps the work)
@@ -112,7 +143,7 @@ class Config:
 CHOICES = {
     "data.dataset": ("digits", "store"),
     "data.partition": ("dirichlet", "iid"),
-    "model.name": ("logistic_regression", "mlp", "cnn"),
+    "model.name": ("logistic_regression", "mlp", "cnn", "tanh_cnn"),
     "model.conv_impl": ("auto", "xla", "patches"),
     "client.optimizer": ("sgd", "momentum", "adam"),
     "server.optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
@@ -124,6 +155,8 @@ CHOICES = {
     "simulation.sampling": ("fixed", "poisson"),
     "simulation.straggler_policy": ("drop", "partial"),
 }
+# simulation.log_to: where per-round metrics go (`metric_writers`).
+LOG_SINKS = ("csv", "tensorboard", "wandb", "mlflow")
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
             "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size",
@@ -132,7 +165,8 @@ POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
 NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.proximal_mu",
                 "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
                 "privacy.epsilon_budget",
-                "simulation.checkpoint_every", "simulation.seed", "data.seed")
+                "simulation.checkpoint_every", "simulation.checkpoint_seconds",
+                "simulation.seed", "data.seed")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -194,6 +228,37 @@ def to_dict(config: Config) -> dict[str, Any]:
   return dataclasses.asdict(config)
 
 
+def _toml_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+  if isinstance(value, (tuple, list)):
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+  return repr(value)
+
+
+def to_toml(config: Config) -> str:
+  """The config as TOML, every key with its value (defaults included); `load` reads it back.
+
+  An unset noise multiplier (None) is written as a comment saying what the
+  run will use, since TOML has no null.
+  """
+  lines = []
+  for section, values in to_dict(config).items():
+    lines.append(f"[{section}]")
+    for name, value in values.items():
+      if value is None:
+        target = "target_epsilon" if name == "noise_multiplier" else "example_target_epsilon"
+        use = ("calibrated to privacy." + target if getattr(config.privacy, target) > 0
+               else f"{DEFAULT_NOISE_MULTIPLIER}")
+        lines.append(f"# {name} unset: {use}")
+      else:
+        lines.append(f"{name} = {_toml_value(value)}")
+    lines.append("")
+  return "\n".join(lines)
+
+
 def get(config: Config, key: str) -> Any:
   section, name = key.split(".")
   return getattr(getattr(config, section), name)
@@ -224,8 +289,29 @@ def validate(config: Config, population_known: bool | None = None) -> None:
       continue
     if not (value >= 0 and math.isfinite(value)):
       raise ConfigError(f"{key} must be >= 0, got {value!r}")
+  for section in dataclasses.fields(config):
+    table = getattr(config, section.name)
+    for name, annotation in get_type_hints(type(table)).items():
+      if "float" in str(annotation):
+        _check_float32(f"{section.name}.{name}", getattr(table, name))
+  for key in ("simulation.seed", "data.seed"):
+    if get(config, key) >= UINT32_LIMIT:
+      raise ConfigError(f"{key} must be < 2^32 = {UINT32_LIMIT} (JAX keys hold uint32: "
+                        f"{get(config, key)} would alias {get(config, key) % UINT32_LIMIT}), "
+                        f"got {get(config, key)}")
+  if config.simulation.rounds > UINT32_LIMIT:
+    raise ConfigError(f"simulation.rounds must be <= 2^32 (rounds are folded into JAX keys as "
+                      f"uint32), got {config.simulation.rounds}")
+  if len(config.model.hidden) > MAX_HIDDEN_LAYERS:
+    raise ConfigError(f"model.hidden lists {len(config.model.hidden)} layers; at most "
+                      f"{MAX_HIDDEN_LAYERS} are allowed")
+  for sink in config.simulation.log_to:
+    if sink not in LOG_SINKS:
+      raise ConfigError(f"simulation.log_to: unknown sink {sink!r}; choose from "
+                        f"{', '.join(LOG_SINKS)}")
   if any(width < 1 for width in config.model.hidden):
     raise ConfigError(f"model.hidden widths must be >= 1, got {list(config.model.hidden)}")
+  check_sizes(config)
   if not 0 < config.data.test_fraction < 1:
     raise ConfigError(f"data.test_fraction must be in (0, 1), got {config.data.test_fraction!r}")
   if not 0 < config.privacy.delta < 1:
@@ -273,6 +359,78 @@ def validate(config: Config, population_known: bool | None = None) -> None:
                       "(sampling without replacement); use rdp or simulation.sampling = poisson")
 
 
+def _check_float32(key: str, value: float | None) -> None:
+  """Refuses a float that float32 turns into inf (or a positive one it turns into 0)."""
+  if value is None or not math.isfinite(value):
+    return  # Non-finite values are refused with the key's own rule.
+  if abs(value) > FLOAT32_MAX:
+    raise ConfigError(f"{key} = {value!r} overflows float32 (largest {FLOAT32_MAX:.7g}); "
+                      "it would become inf on the device")
+  if 0 < abs(value) < FLOAT32_TINY:
+    raise ConfigError(f"{key} = {value!r} underflows float32 (smallest positive "
+                      f"{FLOAT32_TINY:.3g}); it would become 0 on the device")
+
+
+def _format_bytes(num: float) -> str:
+  for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+    if num < 1024 or unit == "EiB":
+      return f"{num:.3g} {unit}" if unit != "bytes" else f"{int(num)} bytes"
+    num /= 1024
+  raise AssertionError("unreachable")
+
+
+def check_sizes(config: Config, example_bytes: int = 4, param_bytes: int | None = None,
+                batch_size: int | None = None) -> None:
+  """Raises ConfigError when a size in `config` asks for more than `MEMORY_LIMIT_BYTES`.
+
+  Every estimate is a lower bound on what the run allocates, so a config
+  that passes may still run out of memory, but one that fails cannot run:
+
+  * one round's padded cohort on the device: x, y and masks of
+    [cohort_size, local_steps, batch_size] examples;
+  * the model and one update per client vmapped together (a chunk under
+    the chunked backend, the cohort under vmap, one client under loop);
+  * the population's per-client sizes and offsets (`data.num_clients`).
+
+  Args:
+    config: the config.
+    example_bytes: bytes of one example's features (default: one float32,
+      before the data is known).
+    param_bytes: bytes of the model's parameters; default: the weights
+      between consecutive `model.hidden` widths (the input and output
+      layers are unknown before the data is).
+    batch_size: the physical batch (under DP-SGD the Poisson batch's cap);
+      default `client.batch_size`.
+  """
+  sim, client = config.simulation, config.client
+  batch_size = client.batch_size if batch_size is None else batch_size
+  cohort = sim.cohort_size * client.local_steps * batch_size * (example_bytes + 8)
+  if param_bytes is None:
+    widths = config.model.hidden if config.model.name == "mlp" else ()
+    param_bytes = 4 * sum(a * b + b for a, b in zip(widths, widths[1:]))
+  together = {"vmap": sim.cohort_size, "chunked": min(sim.cohort_size, sim.client_chunk_size),
+              "loop": 1}[sim.backend]
+  needs = [
+      (_largest_key(config, ("client.local_steps", "client.batch_size",
+                             "simulation.cohort_size")), cohort,
+       f"for one round's padded cohort of {sim.cohort_size} clients x {client.local_steps} "
+       f"local steps x {batch_size} examples of {example_bytes} bytes"),
+      ("model.hidden", param_bytes * (together + 1),
+       f"for {_format_bytes(param_bytes)} of parameters and {together} client updates "
+       f"vmapped together"),
+      ("data.num_clients", config.data.num_clients * 24,
+       "for the population's client sizes, offsets and ids"),
+  ]
+  for key, need, what in needs:
+    if need > MEMORY_LIMIT_BYTES:
+      raise ConfigError(f"{key} = {get(config, key)!r:.60} would need {_format_bytes(need)} "
+                        f"{what}, more than the {_format_bytes(MEMORY_LIMIT_BYTES)} limit")
+
+
+def _largest_key(config: Config, keys: Sequence[str]) -> str:
+  return max(keys, key=lambda key: get(config, key))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
   """Parses 'section.key=value'; the value is read as TOML, else as a string."""
   if "=" not in text:
@@ -284,6 +442,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     parsed = tomllib.loads(f"v = {value}")["v"]
   except tomllib.TOMLDecodeError:
     parsed = value
+  except RecursionError:
+    raise ConfigError(f"--set {key}: the value nests arrays or tables too deeply") from None
   return key, parsed
 
 
@@ -297,6 +457,8 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
       raise ConfigError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
       raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    except RecursionError:
+      raise ConfigError(f"config file {path} nests tables or arrays too deeply to parse") from None
     except OSError as error:
       raise ConfigError(f"config file {path} cannot be read: {error}") from None
   values: dict[str, Any] = {}

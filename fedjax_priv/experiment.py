@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
+import jax
 import numpy as np
 import optax
 
 from fedjax_priv import config as config_lib
+from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
 from fedjax_priv.algorithms.stragglers import with_stragglers
 from fedjax_priv.checks import check_delta, check_int
@@ -31,7 +33,7 @@ from fedjax_priv.config import Config
 from fedjax_priv.data import FederatedDataset, federated_digits
 from fedjax_priv.data.population import ClientSource
 from fedjax_priv.data.sampling import poisson_capacity, poisson_overflow_probability
-from fedjax_priv.models import Model, cnn, logistic_regression, mlp
+from fedjax_priv.models import Model, cnn, logistic_regression, mlp, tanh_cnn
 from fedjax_priv.privacy import accounting
 from fedjax_priv.privacy.aggregation import Aggregator, dp_mean, weighted_mean
 from fedjax_priv.privacy.ledger import PrivacyLedger
@@ -157,15 +159,22 @@ class RunSettings:
     seed: seed of init, cohorts, batches and noise.
     eval_every, checkpoint_every: rounds between evaluations / checkpoints
       (0: only at the end).
+    checkpoint_seconds: also checkpoint at the end of the first block of
+      rounds that ends this many seconds after the last checkpoint, so a
+      killed run loses bounded work (0: off). Default 300 s.
     backend, client_chunk_size: the round builder's (`simulation.build_round`).
     data_on_device: keep the population on the device and scan many rounds
       per call.
     delta, accountant: the reported (epsilon, delta) and how it is computed.
     epsilon_budget: > 0: stop before the round that would take any level
-      past it.
+      past it, or its delta_total past delta (`budget`).
+    log_to: metric sinks (`metric_writers.SINKS`): "csv", "tensorboard",
+      "wandb", "mlflow".
     description: JSON-serialisable record of what was built (the resolved
       config for `fedjax-priv run`), written to config.json and compared on
       resume.
+    allow_delta_overflow: accept a planned delta_total above delta (see
+      `budget.check_planned_delta`).
   """
   rounds: int
   seed: int = 0
@@ -177,7 +186,10 @@ class RunSettings:
   delta: float = 1e-5
   accountant: str = "rdp"
   epsilon_budget: float = 0.0
+  checkpoint_seconds: float = 300.0
+  log_to: tuple[str, ...] = ("csv", "tensorboard")
   description: dict = dataclasses.field(default_factory=dict)
+  allow_delta_overflow: bool = False
 
   def __post_init__(self):
     check_int("rounds", self.rounds, 1)
@@ -190,6 +202,9 @@ class RunSettings:
       raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
     if self.accountant not in ("rdp", "pld"):
       raise ValueError(f"accountant must be rdp or pld, got {self.accountant!r}")
+    if not (self.checkpoint_seconds >= 0 and math.isfinite(self.checkpoint_seconds)):
+      raise ValueError(f"checkpoint_seconds must be a finite number >= 0, got "
+                       f"{self.checkpoint_seconds!r}")
     if not (self.epsilon_budget >= 0 and math.isfinite(self.epsilon_budget)):
       raise ValueError(f"epsilon_budget must be a finite number >= 0, got "
                        f"{self.epsilon_budget!r}")
@@ -278,7 +293,10 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
     # Refuses now, not mid-run, a run longer than a whole-run mechanism (MF) covers.
     user.event_at(settings.rounds - 1)
     levels.append(user)
-  if example_dp is not None:
+  # Traced multipliers (`sweep.sweep_experiment` builds the program from
+  # them) are accounted from the host's build of the same point.
+  if example_dp is not None and all(tree_util.is_concrete_number(v) for v in (
+      example_dp.clip_norm, example_dp.noise_multiplier)):
     levels.append(example_plan(example_dp, train.client_sizes, batching))
   if not settings.description:
     # What a resumed run must match: the run's settings and its mechanisms.
@@ -287,10 +305,26 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
                        if f.name != "description"},
         "privacy": {"participation": repr(participation),
                     "levels": [plan.description for plan in levels]}})
-  x_test, y_test = test
+  x_test, y_test = _checked_test_set(*test)
   return Experiment(config, train, x_test, y_test, model, participation.sampler(settings.seed),
                     client_update, aggregator, server_optimizer, round_fn, batching,
                     levels[0] if levels else None, tuple(levels), participation, settings)
+
+
+def _checked_test_set(x_test, y_test) -> tuple[np.ndarray, np.ndarray]:
+  """The test set, refused when evaluating it would report nan or index out of range."""
+  x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+  if x_test.ndim < 1 or y_test.shape != x_test.shape[:1] or not len(y_test):
+    raise ValueError(f"the test set needs x [n, ...] and y [n] with n >= 1, got x "
+                     f"{x_test.shape} and y {y_test.shape}")
+  if not np.issubdtype(y_test.dtype, np.integer) or y_test.min() < 0:
+    raise ValueError(f"test labels must be integers >= 0, got dtype {y_test.dtype} and minimum "
+                     f"{y_test.min()}")
+  if np.issubdtype(x_test.dtype, np.inexact) and not np.all(np.isfinite(x_test)):
+    bad = np.flatnonzero(~np.all(np.isfinite(x_test.reshape(len(x_test), -1)), axis=1))
+    raise ValueError(f"the test features hold NaN or inf in {len(bad)} examples (first: "
+                     f"{int(bad[0])}); a test loss over them would be nan")
+  return x_test, y_test
 
 
 def make_optimizer(name: str, learning_rate: Any,
@@ -317,6 +351,8 @@ def _model(config: Config, input_shape, num_classes) -> Model:
     return logistic_regression(input_shape, num_classes)
   if name == "mlp":
     return mlp(input_shape, num_classes, config.model.hidden)
+  if name == "tanh_cnn":
+    return tanh_cnn(input_shape, num_classes)
   return cnn(input_shape, num_classes, conv_impl=config.model.conv_impl)
 
 
@@ -329,11 +365,6 @@ def participation_of(config: Config, num_clients: int) -> Participation:
     return participation_lib.Full(num_clients)
   return participation_lib.FixedSize(num_clients, sim.cohort_size,
                                      account_as_poisson=config.privacy.fixed_as_poisson)
-
-
-def make_sampler(config: Config, num_clients: int):
-  """The cohort sampler of the config's participation, seeded by simulation.seed."""
-  return participation_of(config, num_clients).sampler(config.simulation.seed)
 
 
 def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
@@ -501,7 +532,9 @@ def settings_of(config: Config) -> RunSettings:
   sim, privacy = config.simulation, config.privacy
   return RunSettings(sim.rounds, sim.seed, sim.eval_every, sim.checkpoint_every, sim.backend,
                      sim.client_chunk_size, sim.data_on_device, privacy.delta, privacy.accountant,
-                     privacy.epsilon_budget, config_lib.to_dict(config))
+                     privacy.epsilon_budget, sim.checkpoint_seconds, sim.log_to,
+                     config_lib.to_dict(config),
+                     allow_delta_overflow=privacy.allow_delta_overflow)
 
 
 def load_store(path: str, stream: bool = False
@@ -531,6 +564,17 @@ def load_store(path: str, stream: bool = False
   return train, test.x, test.y
 
 
+def _store_num_classes(path: str) -> tuple[int, int]:
+  """The metadata num_classes of the store at `path` and of its test store (0 where unrecorded)."""
+  from fedjax_priv.data.prepare import heldout_store_path
+  from fedjax_priv.data.store import FederatedStore
+  recorded = []
+  for p in (path, heldout_store_path(path)):
+    with FederatedStore(p) as store:
+      recorded.append(store.info.num_classes or 0)
+  return tuple(recorded)
+
+
 def build(config: Config) -> Experiment:
   """Builds the experiment a config describes: one way to make the objects `assemble` takes.
 
@@ -547,10 +591,15 @@ def build(config: Config) -> Experiment:
     data = config.data
     train, x_test, y_test = federated_digits(data.num_clients, data.partition,
                                              data.dirichlet_alpha, data.seed, data.test_fraction)
+  x_test, y_test = _checked_test_set(x_test, y_test)
   privacy = config.privacy
   # A streamed store is scanned once, label blobs only, for the same class count.
   train_max_label = train.max_label() if config.data.stream else train.y.max()
   num_classes = int(max(train_max_label, y_test.max())) + 1
+  if config.data.dataset == "store":
+    # A store's recorded class count (labels were checked against it when read)
+    # sizes the model, even if no example holds the top class.
+    num_classes = max(num_classes, *_store_num_classes(config.data.store))
   model = _model(config, train.feature_shape, num_classes)
   participation = participation_of(config, train.num_clients)
   if privacy.unit in ("example", "both"):
@@ -561,6 +610,13 @@ def build(config: Config) -> Experiment:
                                config.client.local_steps)
   else:
     batching = Batching(config.client.local_steps, config.client.batch_size)
+  # Shapes only (no allocation): the exact model and example sizes, checked
+  # before anything is allocated on the device.
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  config_lib.check_sizes(
+      config, example_bytes=math.prod(train.feature_shape) * np.dtype(train.x_dtype).itemsize,
+      param_bytes=sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params)),
+      batch_size=batching.batch_size)
   levels = privacy_levels(config, train, participation, batching)
   config = resolved(config, levels)
   training = make_training(config, model, participation, hyperparameters(config, levels))

@@ -2,15 +2,32 @@
 
 Output files in the run directory:
   metrics.jsonl    one JSON line per evaluation (appended and fsynced)
+  metrics.csv, rounds.csv, tensorboard/
+                   the evaluations and the per-round training metrics for
+                   spreadsheets and TensorBoard (`metric_writers`,
+                   simulation.log_to)
   summary.json     final accuracy, loss, timing and the privacy report
+  curves.png       accuracy and loss against round and epsilon (`plots`)
   checkpoint.npz   server state, round and ledger (written atomically)
   config.json      the resolved config the run used
+  manifest.json    run id and hashes that tie these files together (`run_directory`)
+
+Checkpoints are written every simulation.checkpoint_every rounds, at the end
+of the first block of rounds that finishes simulation.checkpoint_seconds
+after the last one (so a killed run loses bounded work), and on SIGINT or
+SIGTERM, after which `Interrupted` is raised (see `interrupts`).
+
+Times in the summary: `wall_time_s` is training (device work and its host
+side, without compilation), `compile_time_s` tracing and compiling,
+`eval_time_s` evaluating the test set, and `total_time_s` everything the run
+took, setup and writing files included, summed over resumed sessions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,9 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import monitoring
-from tqdm.auto import tqdm
 
-from fedjax_priv import checkpoint as ckpt
+from fedjax_priv import budget
+from fedjax_priv import interrupts
+from fedjax_priv import metric_writers
+from fedjax_priv import plots
+from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.server import ServerState, server_init
 from fedjax_priv.config import Config
 from fedjax_priv.data.device import gather_cohort
@@ -29,12 +49,21 @@ from fedjax_priv.data.packing import CohortData, pack_cohort, pad_population
 from fedjax_priv.experiment import Experiment, PrivacyPlan, RunSettings, build
 from fedjax_priv.models.model import evaluate
 from fedjax_priv.privacy.accounting import PrivacyLedger
+from fedjax_priv.progress import BlockPacer, Progress
+from fedjax_priv.run_directory import RunDirectory
 from fedjax_priv.simulation.program import cohort_to_batch, round_from_cohort, rounds_on_device
 
 EVAL_BATCH = 512
+# A device call of more rounds than fit in about this many seconds is cut
+# (progress.BlockPacer): the bar moves, and signals and checkpoints wait less.
+BLOCK_SECONDS = 10.0
+# Above this share of a block's real clients, dropped non-finite updates are
+# reported on the console: a few are noise, many mean a bad setting
+# (learning rate, clip norm) and a result trained on the rest.
+NONFINITE_WARNING_SHARE = 0.1
 # Config fields that may change when a run is resumed: they do not change results.
-RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "backend", "client_chunk_size",
-                     "data_on_device"}
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "checkpoint_seconds", "backend",
+                     "client_chunk_size", "data_on_device", "log_to"}
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -80,11 +109,20 @@ def make_evaluator(exp: Experiment):
   return evaluator
 
 
-def _block_ends(start: int, rounds: int, eval_every: int, checkpoint_every: int) -> list[int]:
-  ends = {rounds} | set(range(eval_every, rounds, eval_every))
-  if checkpoint_every:
-    ends |= set(range(checkpoint_every, rounds, checkpoint_every))
-  return sorted(e for e in ends if e > start)
+def _block_ends(start: int, rounds: int, eval_every: int, checkpoint_every: int
+                ) -> Iterator[int]:
+  """Rounds after `start` that end a block (evaluations, checkpoints, the last), in order.
+
+  Lazy: a schedule of any length costs no memory (rounds = 10^9 with
+  eval_every = 1 once built a billion-entry set).
+  """
+  end = start
+  while end < rounds:
+    following = (end // eval_every + 1) * eval_every
+    if checkpoint_every:
+      following = min(following, (end // checkpoint_every + 1) * checkpoint_every)
+    end = min(following, rounds)
+    yield end
 
 
 class _Trainer:
@@ -139,12 +177,17 @@ def _level_report(plan: PrivacyPlan, ledger: PrivacyLedger, settings: RunSetting
 
 
 def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
-                    stopped_by_budget: bool) -> dict[str, Any]:
-  """The primary level at the top (user level under unit = both); every level in `levels`."""
+                    stopped_by: str | None) -> dict[str, Any]:
+  """The primary level at the top (user level under unit = both); every level in `levels`.
+
+  `stopped_by` is the side of the (epsilon, delta) budget that ended the run
+  early ("epsilon" or "delta"; `budget.rounds_within_budget`), or None.
+  """
   settings = exp.settings
   common = {"accountant": settings.accountant, "delta": settings.delta,
             "epsilon_budget": settings.epsilon_budget or None,
-            "stopped_by_budget": stopped_by_budget}
+            "stopped_by_budget": stopped_by is not None, "stopped_by": stopped_by,
+            "delta_limit": budget.delta_limit(settings)}
   if not exp.levels:
     return {"unit": "none", "neighbouring_relation": "no privacy", **common,
             "noise_multiplier": 0.0, "clip_norm": None, "sampling": exp.participation.name,
@@ -158,18 +201,13 @@ def _privacy_report(exp: Experiment, ledgers: dict[str, PrivacyLedger],
 
 def rounds_within_budget(exp: Experiment, ledgers: dict[str, PrivacyLedger],
                          rounds_done: int) -> int:
-  """The last round (<= simulation.rounds) before which no level exceeds privacy.epsilon_budget.
+  """The last round (<= simulation.rounds) the (epsilon, delta) budget allows.
 
-  Every level's ledger is asked how many more of its rounds fit; the run
-  stops before the round that would take any level past the budget.
+  The run stops before the round that would take any level's epsilon past
+  privacy.epsilon_budget or its delta_total past `budget.delta_limit`
+  (`budget.rounds_within_budget`).
   """
-  settings, total = exp.settings, exp.settings.rounds
-  if settings.epsilon_budget <= 0 or not exp.levels:
-    return total
-  fits = [ledgers[plan.unit].rounds_within_budget(
-      plan.event_at, settings.epsilon_budget, settings.delta, total - rounds_done,
-      settings.accountant, first_round=rounds_done) for plan in exp.levels]
-  return rounds_done + min(fits)
+  return budget.rounds_within_budget(exp, ledgers, rounds_done)[0]
 
 
 def _json_number(value: float) -> float | str:
@@ -184,102 +222,184 @@ def _json_numbers(tree: Any) -> Any:
 
 
 def run(config: Config, out_dir: str | Path, resume: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Trains, evaluates and checkpoints as `config` says; returns the summary dict."""
-  return run_experiment(build(config), out_dir, resume, progress)
+  return run_experiment(build(config), out_dir, resume, progress, overwrite)
 
 
 def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Runs an `Experiment` (from `experiment.assemble` or `build`); returns the summary dict.
 
   Rounds run in blocks (many rounds per device call where the backend is
   traceable and the population lives on the device); each level's ledger
   records the events the running mechanism reports; evaluation, metrics
-  lines, checkpoints and the budget stop follow `exp.settings`. With
-  `resume`, continues from `out_dir/checkpoint.npz`.
+  lines, checkpoints and the budget stop follow `exp.settings`.
+  `progress`: True a bar, False one plain line per evaluation, None a bar
+  only on a terminal.
+
+  The run holds `out_dir` under the run-directory protocol
+  (`run_directory`): one run at a time, and a directory that already holds
+  a run is refused unless `resume` (continue it from its verified
+  checkpoint) or `overwrite` (replace it, once every check has passed).
+
+  Raises:
+    ValueError: a refusal (locked or occupied directory, a mix of runs,
+      corrupt state, a budget the first round exceeds), one line; nothing
+      in `out_dir` is changed.
+    checkpoint.WriteError: an output file could not be written.
+    interrupts.Interrupted: SIGINT or SIGTERM arrived; the rounds trained
+      are checkpointed first (resume with `resume=True`).
   """
+  session_start = time.perf_counter()
+  directory = RunDirectory(out_dir)
+  directory.acquire()
+  try:
+    return _run_in(directory, exp, resume, progress, overwrite, session_start)
+  finally:
+    directory.release()
+
+
+def _expected_ledgers(exp: Experiment, rounds: int) -> dict[str, dict]:
+  """Each level's ledger state after `rounds` rounds of the run's plans."""
+  ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
+  for plan in exp.levels:
+    for r in range(rounds):
+      ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
+  return {unit: ledger.state_dict() for unit, ledger in ledgers.items()}
+
+
+def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bool | None,
+            overwrite: bool, session_start: float) -> dict[str, Any]:
   sim = exp.settings
   description = sim.description
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  log = ckpt.MetricsLog(out / "metrics.jsonl")
-  checkpoint_path = out / "checkpoint.npz"
+  log = directory.metrics
+  out = directory.path
 
   init_key, rounds_key = jax.random.split(jax.random.key(sim.seed))
   state = server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
   ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
-  start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0}
-  if resume and checkpoint_path.exists():
-    state, extra = ckpt.load_checkpoint(checkpoint_path, state)
-    _check_resumable(extra["config"], description)
-    start, totals = extra["round"], extra["totals"]
+  start, totals = 0, {"wall": 0.0, "compile": 0.0, "examples": 0.0, "eval": 0.0, "total": 0.0}
+  # Everything is checked before anything in the directory changes (`begin`).
+  restored = directory.restore(resume, overwrite, state,
+                               lambda rounds: _expected_ledgers(exp, rounds), description,
+                               lambda saved: _check_resumable(saved, description))
+  if restored is not None and restored.extra is not None:
+    state, extra = restored.state, restored.extra
+    start, totals = extra["round"], {**totals, **extra["totals"]}
     ledgers = {unit: PrivacyLedger.from_state_dict(saved)
                for unit, saved in extra["ledgers"].items()}
-    log.truncate_after(start)
-  else:
-    log.path.unlink(missing_ok=True)  # A fresh run must not inherit old lines.
-  last_round = rounds_within_budget(exp, ledgers, start)
+  earlier_sessions = totals["total"]
+  last_round, limit = budget.rounds_within_budget(exp, ledgers, start)
+  if last_round == 0 and limit == "delta":
+    raise ValueError(f"the first round alone takes delta_total past privacy.delta = {sim.delta} "
+                     f"(+{budget.DELTA_SLACK:.0%}; truncated Poisson sampling adds to delta); "
+                     "raise the noise multiplier, or set privacy.allow_delta_overflow = true to "
+                     "accept it")
   if last_round == 0:
     raise ValueError(f"privacy.epsilon_budget = {sim.epsilon_budget} is exceeded by "
                      "the first round alone; raise the budget or the noise multiplier")
-  ckpt.write_json(out / "config.json", description)
+  budget.check_planned_delta(exp, ledgers, start, last_round)
+  run_id = directory.begin(restored, description)
 
   trainer = _Trainer(exp)
   evaluator = make_evaluator(exp)
   unit = "+".join(plan.unit for plan in exp.levels) or "non-private"
-  bar = tqdm(total=last_round, initial=start, disable=not progress, unit="round",
-             desc=f"{unit} {sim.backend}")
+  bar = Progress(last_round, start, progress, f"{unit} {sim.backend}")
+  writers = metric_writers.open_writers(sim.log_to, out, start, start > 0, log.read(),
+                                        description, warn=bar.message)
   logged = start  # The last round whose metrics line is written.
+  last_saved = time.monotonic()
+  saved_round = start if start else None  # The round checkpoint.npz holds.
+  checkpoint_path = out / "checkpoint.npz"
 
-  def log_evaluation(metrics, cohorts):
+  def log_evaluation():
     nonlocal logged
-    accuracy, loss = (float(v) for v in evaluator(state.params))
+    # Every block since the last evaluation: blocks may be cut (BlockPacer).
+    metrics = {name: np.concatenate([np.atleast_1d(m[name]) for m, _ in unlogged])
+               for name in unlogged[-1][0]}
+    cohorts = [c for _, block in unlogged for c in block]
+    with _stopwatch() as times:
+      accuracy, loss = (float(v) for v in evaluator(state.params))
+    totals["eval"] += times["wall"] - times["compile"]
+    totals["compile"] += times["compile"]
     record = _eval_record(start, accuracy, loss, metrics, cohorts, exp, ledgers, totals)
     log.append(record)
     logged = start
-    bar.set_postfix(acc=f"{accuracy:.3f}", eps=record.get("epsilon", "inf"))
+    unlogged.clear()
+    writers.write_evaluation(record)
+    bar.evaluation(record)
+
+  def save():
+    nonlocal last_saved, saved_round
+    totals["total"] = earlier_sessions + time.perf_counter() - session_start
+    _save(directory, state, start, totals, ledgers, description)
+    last_saved, saved_round = time.monotonic(), start
+
+  def checkpoint_due(round_index):
+    return (round_index == last_round
+            or (sim.checkpoint_every and round_index % sim.checkpoint_every == 0)
+            or (sim.checkpoint_seconds and
+                time.monotonic() - last_saved >= sim.checkpoint_seconds))
 
   def evaluation_due(round_index):
     return round_index > logged and (round_index % sim.eval_every == 0 or
                                      round_index == last_round)
 
-  metrics = cohorts = None
+  unlogged = []  # (metrics, cohorts) of the blocks trained since the last evaluation.
+  stop = interrupts.StopFlag()
   try:
-    for end in _block_ends(start, last_round, sim.eval_every, sim.checkpoint_every):
-      cohorts = [exp.sampler.sample(r) for r in range(start, end)]
-      keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
-      with _stopwatch() as times:
-        new_state, metrics = trainer.run(state, keys, cohorts)
-        metrics = jax.device_get(metrics)
-      # The ledger is charged before `state` moves on, so no checkpoint can
-      # ever hold a state that trained on rounds its ledger lacks.
-      for plan in exp.levels:
-        for r in range(start, end):
-          ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
-      totals["wall"] += times["wall"] - times["compile"]
-      totals["compile"] += times["compile"]
-      totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
-      state, start = new_state, end
-      bar.update(len(cohorts))
-      if evaluation_due(end):
-        log_evaluation(metrics, cohorts)
-      if (sim.checkpoint_every and end % sim.checkpoint_every == 0) or end == last_round:
-        _save(checkpoint_path, state, end, totals, ledgers, description)
+    with interrupts.stop_on_signals(announce=bar.message) as stop:
+      pacer = BlockPacer(BLOCK_SECONDS)
+      for end in pacer.ends(_block_ends(start, last_round, sim.eval_every, sim.checkpoint_every),
+                            lambda: start):
+        cohorts = [exp.sampler.sample(r) for r in range(start, end)]
+        keys = jnp.stack([jax.random.fold_in(rounds_key, r) for r in range(start, end)])
+        with _stopwatch() as times:
+          new_state, metrics = trainer.run(state, keys, cohorts)
+          metrics = jax.device_get(metrics)
+        _warn_if_nonfinite(metrics, start, end, bar.message)
+        _check_finite_model(new_state, metrics, start, end)
+        # The ledger is charged before `state` moves on, so no checkpoint can
+        # ever hold a state that trained on rounds its ledger lacks.
+        for plan in exp.levels:
+          for r in range(start, end):
+            ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
+        totals["wall"] += times["wall"] - times["compile"]
+        totals["compile"] += times["compile"]
+        pacer.observe(end - start, times["wall"] - times["compile"])
+        totals["examples"] += float(np.sum(metrics.pop("examples_seen", 0.0)))
+        writers.write_rounds(start, metrics)
+        unlogged.append((metrics, cohorts))
+        state, start = new_state, end
+        bar.advance(len(cohorts))
+        if evaluation_due(end):
+          log_evaluation()
+        if checkpoint_due(end) or stop:
+          save()
+        if stop:
+          raise interrupts.Interrupted(stop.signum, start, str(checkpoint_path))
+  except interrupts.Interrupted:
+    raise
   except KeyboardInterrupt:
     # A block cut short had donated the state it started from; otherwise the
     # state is whole: finish its bookkeeping so nothing computed is lost.
     if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-      if evaluation_due(start):
-        log_evaluation(metrics, cohorts)
-      _save(checkpoint_path, state, start, totals, ledgers, description)
-    raise
+      if evaluation_due(start) and unlogged:
+        log_evaluation()
+      save()
+    raise interrupts.Interrupted(stop.signum or signal.SIGINT, saved_round or 0,
+                                 None if saved_round is None else str(checkpoint_path)) from None
   finally:
     bar.close()
+    writers.close()
 
   # Also right when resuming a run that had already finished.
-  accuracy, loss = (float(v) for v in evaluator(state.params))
-  report = _privacy_report(exp, ledgers, stopped_by_budget=start < sim.rounds)
+  with _stopwatch() as times:
+    accuracy, loss = (float(v) for v in evaluator(state.params))
+  totals["eval"] += times["wall"] - times["compile"]
+  totals["compile"] += times["compile"]
+  report = _privacy_report(exp, ledgers, stopped_by=limit if start < sim.rounds else None)
   summary = {
       "test_accuracy": _json_number(accuracy),
       "test_loss": _json_number(loss),
@@ -288,17 +408,57 @@ def run_experiment(exp: Experiment, out_dir: str | Path, resume: bool = False,
       "backend": sim.backend,
       "wall_time_s": totals["wall"],
       "compile_time_s": totals["compile"],
+      "eval_time_s": totals["eval"],
+      "total_time_s": earlier_sessions + time.perf_counter() - session_start,
       "examples_per_s": totals["examples"] / max(totals["wall"], 1e-9),
       "num_clients": exp.train.num_clients,
       "privacy": _json_numbers(report),
+      "run_id": run_id,
   }
-  ckpt.write_json(out / "summary.json", summary)
+  directory.write_summary(summary)
+  plots.plot([out], out / "curves.png", title=f"{out.name}: {unit} {sim.backend}")
   return summary
+
+
+def _warn_if_nonfinite(metrics: dict, start: int, end: int, warn) -> None:
+  """One line (through `warn`) when non-finite updates exceed NONFINITE_WARNING_SHARE of the block's clients.
+
+  Those updates were already left out of the sums (the round builder zeroes
+  them and counts them in `nonfinite_clients`); the line says how many.
+  """
+  dropped = float(np.sum(metrics.get("nonfinite_clients", 0.0)))
+  real = dropped + float(np.sum(metrics.get("clients", 0.0)))
+  if real and dropped > NONFINITE_WARNING_SHARE * real:
+    warn(f"warning: {_rounds_text(start, end)}: {dropped:.0f} of {real:.0f} client updates were "
+         "NaN or inf and were left out of the aggregate")
+
+
+def _rounds_text(start: int, end: int) -> str:
+  """The rounds of a block, 1-based as the console counts them."""
+  return f"round {end}" if end == start + 1 else f"rounds {start + 1}-{end}"
+
+
+def _check_finite_model(state: ServerState, metrics: dict, start: int, end: int) -> None:
+  """Refuses to go on (ValueError) when the block left the server model NaN or inf.
+
+  Non-finite client updates are left out of the sums, but finite ones can
+  still overflow float32 when summed (a learning rate of 1e37 without
+  clipping); every later round and evaluation would then be nan.
+  """
+  if bool(tree_util.all_finite(state.params)):
+    return
+  norms = np.asarray(metrics.get("update_norm", [math.nan]))
+  raise ValueError(
+      f"{_rounds_text(start, end)}: the server model became NaN or inf (largest update_norm "
+      f"{float(np.max(norms)):.3g}): the clients' updates or their sum overflowed float32. "
+      "Lower client.learning_rate or server.learning_rate, or clip the updates "
+      "(privacy.unit = user bounds each by privacy.clip_norm)")
 
 
 def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, totals):
   record = {"round": round_index, "test_accuracy": accuracy, "test_loss": loss,
             "wall_time_s": totals["wall"], "compile_time_s": totals["compile"],
+            "eval_time_s": totals["eval"],
             "cohort_overflow": int(sum(c.overflow for c in cohorts))}
   for name, values in metrics.items():
     summed = name in ("nonfinite_clients", "batch_overflow")
@@ -312,10 +472,10 @@ def _eval_record(round_index, accuracy, loss, metrics, cohorts, exp, ledgers, to
   return record
 
 
-def _save(path, state, round_index, totals, ledgers, description: dict) -> None:
-  ckpt.save_checkpoint(path, state, {
+def _save(directory, state, round_index, totals, ledgers, description: dict) -> None:
+  directory.save_checkpoint(state, {
       "round": round_index, "totals": totals, "config": description,
-      "ledgers": {unit: ledger.state_dict() for unit, ledger in ledgers.items()}})
+      "ledgers": {unit: ledger.state_dict() for unit, ledger in ledgers.items()}}, description)
 
 
 def _check_resumable(saved: dict, current: dict) -> None:

@@ -10,6 +10,10 @@ an outer Python loop, one compile per value, and the result says which keys
 went which way. Each run keeps its own accounting: its epsilon is computed on
 the host from the events its own noise multiplier and sampling produce,
 exactly as `runner.run` would report for the same config.
+
+`sweep_experiment(make_experiment, grid)` does the same for the open API:
+any `Experiment` that `assemble` builds from numbers (a noise multiplier, a
+clip norm, a learning rate) sweeps over them as one program.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import io
 import itertools
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +32,14 @@ import numpy as np
 
 from fedjax_priv import checkpoint as ckpt
 from fedjax_priv import config as config_lib
+from fedjax_priv import plots
 from fedjax_priv.config import Config, ConfigError
 from fedjax_priv.data.packing import pad_population
-from fedjax_priv.experiment import (Hyperparameters, build, hyperparameters, make_sampler,
-                                    make_training, privacy_levels)
+from fedjax_priv.experiment import (Experiment, Hyperparameters, build, hyperparameters,
+                                    make_training, privacy_levels, settings_of)
 from fedjax_priv.privacy.accounting import PrivacyLedger
 from fedjax_priv.runner import make_evaluator
-from fedjax_priv.simulation.sweep import make_sweep_program
+from fedjax_priv.simulation.sweep import evaluation_rounds, make_sweep_program
 
 # Config keys a sweep traces (vmaps over) rather than recompiling for.
 TRACED = ("client.learning_rate", "server.learning_rate", "privacy.clip_norm",
@@ -44,14 +49,17 @@ TRACED = ("client.learning_rate", "server.learning_rate", "privacy.clip_norm",
 
 
 class SweepResult(NamedTuple):
-  """rows: one dict per run (grid values, sigma, epsilon, accuracy, ...);
+  """rows: one dict per run (grid values, sigma, epsilon, delta, accuracy, ...);
   traced / outer: the grid keys vmapped over / looped over (one compile per outer value);
-  compile_s / wall_s: XLA compile time and total wall time of the training programs."""
+  compile_s / wall_s: XLA compile time and total wall time of the training programs;
+  curves: per row, its evaluations as metrics.jsonl would hold them (round,
+  test_accuracy, test_loss, epsilon, delta_total), every eval_every rounds."""
   rows: list[dict[str, Any]]
   traced: tuple[str, ...]
   outer: tuple[str, ...]
   compile_s: float
   wall_s: float
+  curves: list[list[dict[str, Any]]] = []
 
 
 def parse_grid(texts: Sequence[str]) -> dict[str, list[Any]]:
@@ -88,37 +96,82 @@ def _stack(points: list[Hyperparameters]) -> Hyperparameters:
                            for column in zip(*points)))
 
 
-def _cohorts(config: Config, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
-  sampler = make_sampler(config, num_clients)
-  cohorts = [sampler.sample(r) for r in range(config.simulation.rounds)]
+def _cohorts(sampler, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+  cohorts = [sampler.sample(r) for r in range(rounds)]
   return (np.stack([c.indices for c in cohorts]).astype(np.int32),
           np.stack([c.mask for c in cohorts]).astype(np.float32))
 
 
-def _privacy_columns(config: Config, levels, known: dict) -> dict[str, Any]:
-  """Each level's sigma and epsilon after simulation.rounds rounds (as the runner reports).
+def _epsilon_curve(plan, settings, rounds: list[int], known: dict
+                   ) -> list[tuple[float, float]]:
+  """(epsilon, delta_total) of `plan` after each of `rounds` (as the runner reports them).
 
   `known` maps an accounting question to its answer within one sweep: runs
   that differ only in learning rates or seeds share their epsilon, and
   composing the events is the slow part.
   """
-  privacy = config.privacy
-  columns: dict[str, Any] = {"delta": privacy.delta if levels else None}
+  question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
+              tuple(rounds), settings.delta, settings.accountant)
+  if question not in known:
+    ledger, answers = PrivacyLedger(), []
+    for r in range(rounds[-1]):
+      ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
+      if r + 1 in rounds:
+        answers.append(ledger.epsilon(settings.delta, settings.accountant))
+    known[question] = answers
+  return known[question]
+
+
+def _privacy_columns(levels, settings, known: dict) -> tuple[dict[str, Any], list]:
+  """Each level's sigma, epsilon and delta_total after settings.rounds rounds, and the
+  primary level's (epsilon, delta_total) at every evaluation (inf without privacy)."""
+  columns: dict[str, Any] = {"delta": settings.delta if levels else None}
+  evaluated = evaluation_rounds(settings.rounds, settings.eval_every)
+  curve = [(float("inf"), None)] * len(evaluated)
   for i, plan in enumerate(levels):
-    question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
-                config.simulation.rounds, privacy.delta, privacy.accountant)
-    if question not in known:
-      ledger = PrivacyLedger()
-      for r in range(config.simulation.rounds):
-        ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
-      known[question] = ledger.epsilon(privacy.delta, privacy.accountant)
-    epsilon, delta_total = known[question]
+    answers = _epsilon_curve(plan, settings, evaluated, known)
+    epsilon, delta_total = answers[-1]
     prefix = "" if i == 0 else f"{plan.unit}_"
     columns.update({f"{prefix}noise_multiplier": plan.noise_multiplier,
                     f"{prefix}epsilon": epsilon, f"{prefix}delta_total": delta_total})
+    curve = answers if i == 0 else curve
   if not levels:
     columns.update(noise_multiplier=0.0, epsilon=float("inf"))
-  return columns
+  return columns, curve
+
+
+class _Runs(NamedTuple):
+  """The runs of one program: hyper-parameters ([G] leaves), seeds and cohorts of each."""
+  hp: Any
+  seeds: jax.Array
+  indices: np.ndarray
+  masks: np.ndarray
+
+
+def _train(exp: Experiment, make_training, runs: _Runs, epsilons: list, max_parallel: int | None
+           ) -> tuple[list[dict[str, float]], list[list[dict[str, Any]]], float, float]:
+  """Trains `runs` as one program shaped like `exp`.
+
+  Returns (final metrics per run, evaluations per run with `epsilons`' (epsilon,
+  delta_total) at each, compile s, wall s).
+  """
+  population = jax.device_put(pad_population(exp.train))
+  program = jax.jit(make_sweep_program(exp, make_training, make_evaluator(exp), max_parallel))
+  args = (runs.hp, runs.seeds, population, runs.indices, runs.masks)
+  tic = time.perf_counter()
+  compiled = program.lower(*args).compile()
+  compile_s = time.perf_counter() - tic
+  tic = time.perf_counter()
+  out = jax.device_get(compiled(*args))
+  wall_s = time.perf_counter() - tic
+  metrics = [{name: float(values[n]) for name, values in out.items()
+              if not name.startswith("curve_")} for n in range(len(runs.seeds))]
+  evaluated = evaluation_rounds(exp.settings.rounds, exp.settings.eval_every)
+  curves = [[{"round": r, "test_accuracy": float(out["curve_test_accuracy"][n][e]),
+              "test_loss": float(out["curve_test_loss"][n][e]),
+              "epsilon": epsilons[n][e][0], "delta_total": epsilons[n][e][1]}
+             for e, r in enumerate(evaluated)] for n in range(len(runs.seeds))]
+  return metrics, curves, compile_s, wall_s
 
 
 def sweep(config: Config, grid: dict[str, Sequence[Any]],
@@ -155,39 +208,95 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
   configs = {i: [_with(config, {**o, **t}) for t in traced_points]
              for i, o in enumerate(outer_points)}
 
-  rows, compile_s, wall_s, known_epsilons = [], 0.0, 0.0, {}
+  rows, curves, compile_s, wall_s, known_epsilons = [], [], 0.0, 0.0, {}
   for i, outer_values in enumerate(outer_points):
     base = _with(config, outer_values)
     exp = build(base)
-    population = jax.device_put(pad_population(exp.train))
-    points, seeds, indices, masks, privacy = [], [], [], [], []
+    points, seeds, indices, masks, privacy, epsilons = [], [], [], [], [], []
     for run_config in configs[i]:
       levels = privacy_levels(run_config, exp.train, exp.participation, exp.batching)
       points.append(hyperparameters(run_config, levels))
       seeds.append(run_config.simulation.seed)
-      cohort_indices, cohort_masks = _cohorts(run_config, exp.train.num_clients)
+      cohort_indices, cohort_masks = _cohorts(
+          exp.participation.sampler(run_config.simulation.seed), run_config.simulation.rounds)
       indices.append(cohort_indices)
       masks.append(cohort_masks)
-      privacy.append(_privacy_columns(run_config, levels, known_epsilons))
+      columns, curve = _privacy_columns(levels, settings_of(run_config), known_epsilons)
+      privacy.append(columns)
+      epsilons.append(curve)
     training = functools.partial(make_training, base, exp.model, exp.participation)
-    program = jax.jit(make_sweep_program(exp, training, make_evaluator(exp), max_parallel))
-    args = (_stack(points), jnp.asarray(seeds, jnp.int32), population, np.stack(indices),
-            np.stack(masks))
-    tic = time.perf_counter()
-    compiled = program.lower(*args).compile()
-    compile_s += time.perf_counter() - tic
-    tic = time.perf_counter()
-    out = jax.device_get(compiled(*args))
-    wall_s += time.perf_counter() - tic
-    metrics = [{name: float(values[n]) for name, values in out.items()}
-               for n in range(len(points))]
+    runs = _Runs(_stack(points), jnp.asarray(seeds, jnp.int32), np.stack(indices),
+                 np.stack(masks))
+    metrics, run_curves, compiled, trained = _train(exp, training, runs, epsilons, max_parallel)
+    compile_s, wall_s = compile_s + compiled, wall_s + trained
     for t, m, p in zip(traced_points, metrics, privacy):
       rows.append({**outer_values, **t, **p, **m})
-  return SweepResult(rows, traced, outer, compile_s, wall_s)
+    curves.extend(run_curves)
+  return SweepResult(rows, traced, outer, compile_s, wall_s, curves)
+
+
+def sweep_experiment(make_experiment: Callable[..., Experiment],
+                     grid: dict[str, Sequence[float]],
+                     max_parallel: int | None = None) -> SweepResult:
+  """The open API's sweep: `make_experiment(**point)` for every grid point, as one program.
+
+  `make_experiment` builds an `Experiment` (usually with `assemble`) from
+  keyword arguments that are plain numbers inside the round: a noise
+  multiplier, a clip norm, a learning rate. It is called once per point with
+  Python floats, which gives each run its own accounting, seed and cohorts,
+  and once more with traced scalars, which gives the one vmapped program
+  that trains every run; so the arguments must not change shapes or
+  structure (loop over such values in Python). Each row equals
+  `runner.run_experiment(make_experiment(**point), ...)`'s final evaluation.
+
+  Args:
+    make_experiment: keyword arguments -> Experiment, e.g.
+      `lambda sigma: assemble(model, train, test, dp_mean(0.5, sigma, 20), ...)`.
+    grid: argument name -> values; every combination is trained.
+    max_parallel: as for `sweep`.
+
+  Returns:
+    A SweepResult: one row per point (its values, each level's sigma, epsilon
+    and delta_total at settings.delta, test accuracy and loss, mean train loss).
+
+  Raises:
+    ValueError: an empty grid, or points whose experiments differ in
+      rounds or eval_every (each program trains and evaluates one schedule).
+  """
+  if not grid or any(len(values) == 0 for values in grid.values()):
+    raise ValueError(f"grid needs at least one name with at least one value, got {grid!r}")
+  names = tuple(grid)
+  points = [dict(zip(names, (float(v) for v in values)))
+            for values in itertools.product(*(grid[name] for name in names))]
+  exps = [make_experiment(**point) for point in points]
+  schedules = {(exp.settings.rounds, exp.settings.eval_every) for exp in exps}
+  if len(schedules) != 1:
+    raise ValueError("every point must train the same rounds with the same eval_every, got "
+                     f"(rounds, eval_every) {sorted(schedules)}")
+  known: dict = {}
+  privacy, epsilons = zip(*(_privacy_columns(exp.levels, exp.settings, known) for exp in exps))
+  cohorts = [_cohorts(exp.sampler, exp.settings.rounds) for exp in exps]
+  runs = _Runs({name: jnp.asarray([p[name] for p in points], jnp.float32) for name in names},
+               jnp.asarray([exp.settings.seed for exp in exps], jnp.int32),
+               np.stack([c[0] for c in cohorts]), np.stack([c[1] for c in cohorts]))
+  metrics, curves, compile_s, wall_s = _train(exps[0], lambda hp: make_experiment(**hp), runs,
+                                              list(epsilons), max_parallel)
+  rows = [{**point, **p, **m} for point, p, m in zip(points, privacy, metrics)]
+  return SweepResult(rows, names, (), compile_s, wall_s, curves)
+
+
+def _json_safe(value: Any) -> Any:
+  return value if not isinstance(value, float) or np.isfinite(value) else str(value)
 
 
 def write_results(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:
-  """Writes results.csv, results.json and (with matplotlib) accuracy_vs_epsilon.png atomically."""
+  """Writes results.csv, results.json, curves.json and curves.png atomically.
+
+  curves.json holds every run's evaluations (`plots.read_sweep` reads it);
+  curves.png draws accuracy and loss against round and epsilon, the runs
+  that differ only in simulation.seed averaged with a band, delta on the
+  epsilon axis (`plots.plot`).
+  """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   columns = list(dict.fromkeys(key for row in result.rows for key in row))
@@ -200,24 +309,14 @@ def write_results(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:
   ckpt.write_json(paths["json"], {
       "traced": list(result.traced), "outer": list(result.outer),
       "compile_s": result.compile_s, "wall_s": result.wall_s,
-      "rows": [{k: (v if not isinstance(v, float) or np.isfinite(v) else str(v))
-                for k, v in row.items()} for row in result.rows]})
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-  except ImportError:
-    return paths
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  finite = [row for row in result.rows if np.isfinite(row["epsilon"])]
-  ax.scatter([row["epsilon"] for row in finite], [row["test_accuracy"] for row in finite])
-  ax.set_xlabel("epsilon (accountant)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(f"{len(result.rows)} runs; traced: {', '.join(result.traced) or '-'}", fontsize=8)
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=120)
-  plt.close(fig)
-  paths["png"] = out / "accuracy_vs_epsilon.png"
-  ckpt.write_atomic(paths["png"], buffer.getvalue())
+      "rows": [{k: _json_safe(v) for k, v in row.items()} for row in result.rows]})
+  grid_keys = result.outer + result.traced
+  paths["curves"] = out / "curves.json"
+  ckpt.write_json(paths["curves"], {"runs": [
+      {"settings": {key: row[key] for key in grid_keys}, "delta": row["delta"],
+       "evaluations": [{k: _json_safe(v) for k, v in record.items()} for record in curve]}
+      for row, curve in zip(result.rows, result.curves)]})
+  paths["png"] = out / "curves.png"
+  plots.plot([out], paths["png"], title=f"{len(result.rows)} runs; traced: "
+             f"{', '.join(result.traced) or '-'}; outer: {', '.join(result.outer) or '-'}")
   return paths

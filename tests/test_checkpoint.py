@@ -184,18 +184,25 @@ def test_metrics_log_read_stops_at_torn_last_line(tmp_path):
   assert log.read() == [{"round": 2, "x": 1.0}, {"round": 4, "x": 2.0}]
 
 
-def test_metrics_log_truncate_after(tmp_path):
+def _digest_after(tmp_path, rounds):
+  """The digest a log holding `rounds` has (as a checkpoint at the last of them stores)."""
+  log = ckpt.MetricsLog(tmp_path / "reference.jsonl")
+  for r in rounds:
+    log.append({"round": r})
+  return log.digest()
+
+
+def test_metrics_log_verified_prefix_keeps_lines_up_to_the_checkpoint(tmp_path):
   log = ckpt.MetricsLog(tmp_path / "metrics.jsonl")
   for r in (2, 4, 6, 8):
     log.append({"round": r})
-  log.truncate_after(4)
+  prefix = log.verified_prefix(4, _digest_after(tmp_path, (2, 4)))
+  assert log.path.read_text().count("\n") == 4  # Verifying changes nothing.
+  log.reset(prefix)
   assert [r["round"] for r in log.read()] == [2, 4]
-  log.truncate_after(100)
-  assert [r["round"] for r in log.read()] == [2, 4]
-  log.truncate_after(0)
-  assert log.read() == []
-  assert log.path.exists() and log.path.read_text() == ""
-  assert _names(tmp_path) == ["metrics.jsonl"]
+  assert log.digest() == _digest_after(tmp_path, (2, 4))
+  log.reset()
+  assert log.read() == [] and log.path.read_text() == ""
 
 
 def test_truncate_drops_torn_line_so_appends_stay_readable(tmp_path):
@@ -203,6 +210,79 @@ def test_truncate_drops_torn_line_so_appends_stay_readable(tmp_path):
   log.append({"round": 2})
   with open(log.path, "a") as handle:
     handle.write('{"round": 4')
-  log.truncate_after(2)
+  log.reset(log.verified_prefix(2, _digest_after(tmp_path, (2,))))
   log.append({"round": 4})
   assert [r["round"] for r in log.read()] == [2, 4]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (b"\xff\xfe not utf-8\n", "not valid JSON"),
+    (b'{"round": 4, "x": 1\n', "not valid JSON"),   # A complete line, damaged.
+    (b"[4]\n", "not a JSON object"),
+    (b'{"x": 1}\n', "no integer 'round'"),
+    (b'{"round": "4"}\n', "no integer 'round'"),
+])
+def test_a_bad_line_in_the_middle_is_an_error_not_a_truncation(tmp_path, bad, problem):
+  log = ckpt.MetricsLog(tmp_path / "metrics.jsonl")
+  log.append({"round": 2})
+  with open(log.path, "ab") as handle:
+    handle.write(bad)
+  log.append({"round": 6})
+  before = log.path.read_bytes()
+  with pytest.raises(ckpt.CorruptStateError, match=f"line 2: {problem}"):
+    log.verified_prefix(2, _digest_after(tmp_path, (2,)))
+  with pytest.raises(ckpt.CorruptStateError, match="line 2"):
+    log.read()
+  assert log.path.read_bytes() == before
+
+
+def test_verified_prefix_refuses_edited_or_missing_lines(tmp_path):
+  log = ckpt.MetricsLog(tmp_path / "metrics.jsonl")
+  for record in ({"round": 2, "acc": 0.5}, {"round": 4, "acc": 0.6}):
+    log.append(record)
+  digest = log.digest()
+  log.path.write_text(log.path.read_text().replace("0.6", "0.9"))
+  with pytest.raises(ckpt.CorruptStateError, match="differ from those the checkpoint recorded"):
+    log.verified_prefix(4, digest)
+  log.path.write_text('{"round": 2, "acc": 0.5}\n')
+  with pytest.raises(ckpt.CorruptStateError, match="lines are missing"):
+    log.verified_prefix(4, digest)
+
+
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+  path = tmp_path / "checkpoint.npz"
+  ckpt.save_checkpoint(path, _state(0), {"round": 1})
+  data = path.read_bytes()
+  damaged = {"truncated": data[: len(data) // 2], "empty": b"",
+             "flipped": data[:200] + bytes([data[200] ^ 0xFF]) + data[201:],
+             "not a zip": b"hello" * 100}
+  for name, bytes_ in damaged.items():
+    path.write_bytes(bytes_)
+    with pytest.raises(ckpt.CorruptStateError, match="checkpoint.npz: corrupted checkpoint"):
+      ckpt.load_checkpoint(path, _state(0))
+    assert path.read_bytes() == bytes_, name  # Nothing rewritten or deleted.
+
+
+def test_write_error_is_one_line_naming_the_path(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ckpt.WriteError) as info:
+    ckpt.write_atomic(tmp_path / "file" / "sub" / "out.json", b"{}")
+  message = str(info.value)
+  assert "\n" not in message and str(tmp_path / "file") in message
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
+def test_every_output_file_gets_the_umask_mode(tmp_path, umask):
+  from fedjax_priv import metric_writers
+  old = os.umask(umask)
+  try:
+    ckpt.write_atomic(tmp_path / "a.bin", b"x")
+    ckpt.write_json(tmp_path / "b.json", {"a": 1})
+    ckpt.save_checkpoint(tmp_path / "c.npz", {"w": np.zeros(2)}, {"round": 1})
+    ckpt.MetricsLog(tmp_path / "metrics.jsonl").append({"round": 1})
+    writer = metric_writers.CsvWriter(tmp_path, 0, [])
+    writer.write_rounds(0, {"train_loss": np.ones(2)})
+    writer.write_evaluation({"round": 1, "test_accuracy": 0.5})
+  finally:
+    os.umask(old)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+  assert len(modes) == 6
+  assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -324,3 +324,65 @@ def test_config_file_that_is_not_utf8(tmp_path):
   with pytest.raises(ConfigError) as info:
     config_lib.load(path)
   assert str(path) in str(info.value)
+
+
+# --- Sizes, seeds and float32 range: refused before anything is allocated ------------
+
+@pytest.mark.parametrize("override, key, match", [
+    ("simulation.rounds=1_000_000_000_000", "simulation.rounds", r"<= 2\^32"),
+    ("simulation.rounds=4294967297", "simulation.rounds", r"<= 2\^32"),
+    ("client.local_steps=1_000_000_000_000", "client.local_steps", "TiB"),
+    ("client.batch_size=1_000_000_000_000", "client.batch_size", "TiB"),
+    ("data.num_clients=100_000_000_000", "data.num_clients", "TiB"),
+    ("model.hidden=[1_000_000_000, 1_000_000_000]", "model.hidden", "EiB"),
+    ("simulation.seed=4294967296", "simulation.seed", r"alias 0"),
+    ("data.seed=18446744073709551615", "data.seed", r"< 2\^32"),
+    ("privacy.clip_norm=1e39", "privacy.clip_norm", "overflows float32"),
+    ("privacy.example_clip_norm=1e39", "privacy.example_clip_norm", "overflows float32"),
+    ("client.learning_rate=1e300", "client.learning_rate", "overflows float32"),
+    ("server.learning_rate=4e38", "server.learning_rate", "overflows float32"),
+    ("privacy.noise_multiplier=1e40", "privacy.noise_multiplier", "overflows float32"),
+    ("server.adaptivity=1e-50", "server.adaptivity", "underflows float32"),
+    ("privacy.clip_norm=1e-46", "privacy.clip_norm", "underflows float32"),
+    ("data.dirichlet_alpha=1e39", "data.dirichlet_alpha", "overflows float32"),
+])
+def test_sizes_seeds_and_float32_range_are_refused_naming_the_key(override, key, match):
+  with pytest.raises(ConfigError, match=match) as error:
+    config_lib.load(None, [override])
+  assert str(error.value).startswith(key)
+
+
+def test_size_errors_say_how_many_bytes_they_would_need():
+  with pytest.raises(ConfigError) as error:
+    config_lib.load(None, ["client.local_steps=1_000_000_000_000"])
+  # 10 clients x 1e12 steps x 16 examples x (4 + 8) bytes = 1.92e15 bytes = 1.71 PiB.
+  assert "would need 1.71 PiB" in str(error.value)
+
+
+def test_hidden_list_of_two_million_layers_is_refused_at_once():
+  with pytest.raises(ConfigError, match="model.hidden lists 2000000 layers"):
+    config_lib.from_dict({"model": {"hidden": [8] * 2_000_000}})
+
+
+def test_limits_themselves_pass():
+  config = config_lib.load(None, ["simulation.seed=4294967295", "data.seed=4294967295",
+                                  "privacy.clip_norm=3.4e38", "simulation.rounds=4294967296"])
+  assert config.simulation.seed == 2**32 - 1
+
+
+def test_build_checks_sizes_with_the_real_model(monkeypatch):
+  """A width that passes the config-level bound fails once the input layer is known."""
+  from fedjax_priv.experiment import build
+  monkeypatch.setattr(config_lib, "MEMORY_LIMIT_BYTES", 1 << 20)
+  config = config_lib.load(None, ["model.hidden=[8000]", "simulation.backend=loop"])
+  with pytest.raises(ConfigError, match=r"model.hidden = \(8000,\) would need .* MiB"):
+    build(config)
+
+
+def test_deeply_nested_toml_is_a_config_error(tmp_path):
+  path = tmp_path / "deep.toml"
+  path.write_text("[model]\nhidden = " + "[" * 100_000 + "]" * 100_000 + "\n")
+  with pytest.raises(ConfigError, match="nests .* too deeply"):
+    config_lib.load(path)
+  with pytest.raises(ConfigError, match="too deeply"):
+    config_lib.load(None, ["model.hidden=" + "[" * 100_000 + "]" * 100_000])

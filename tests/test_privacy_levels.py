@@ -8,6 +8,7 @@ opt-in. All runs are tiny (logistic regression, 6 clients, <= 8 rounds).
 """
 
 import json
+import re
 import warnings
 
 import dp_accounting
@@ -190,8 +191,27 @@ def test_cli_calibrate_prints_the_noise_multipliers(tmp_path, capsys):
                     'example_target_epsilon = 6.0\n')
   overrides = [item for text in BASE for item in ("--set", text)]
   assert cli.main(["calibrate", str(config), *overrides]) == 0
-  printed = capsys.readouterr().out.split()
+  lines = capsys.readouterr().out.splitlines()
   expected = calibrate(config_lib.load(config, BASE)).privacy
-  assert printed == ["--set", f"privacy.noise_multiplier={expected.noise_multiplier:.6g}",
-                     "--set",
-                     f"privacy.example_noise_multiplier={expected.example_noise_multiplier:.6g}"]
+  assert lines[-2:] == [f"--set privacy.noise_multiplier={expected.noise_multiplier:.6g}",
+                        "--set privacy.example_noise_multiplier="
+                        f"{expected.example_noise_multiplier:.6g}"]
+  # Each level: its sigma with the epsilon it reaches and what that is stated at.
+  levels = build(calibrate(config_lib.load(config, BASE))).levels
+  rounds = config_lib.load(config, BASE).simulation.rounds
+  for line, plan, target in zip(lines[:2], levels, (4.0, 6.0)):
+    epsilon = float(re.search(r"gives epsilon (\S+) ", line).group(1))
+    assert line.startswith(f"{plan.unit} level: noise_multiplier {plan.noise_multiplier:.6g}")
+    assert target * 0.99 < epsilon <= target * 1.0001
+    for text in ("at delta 1e-05", "delta_total ", f"rate {plan.sampling_rate:.4g}",
+                 f"{rounds} rounds", "rdp accountant"):
+      assert text in line, (text, line)
+
+
+@pytest.mark.parametrize("extra", [[], ["privacy.unit=user"],
+                                   ["privacy.unit=user", "privacy.noise_multiplier=2"]])
+def test_cli_calibrate_without_a_target_exits_2(capsys, extra):
+  from fedjax_priv import cli
+  overrides = [item for text in BASE + extra for item in ("--set", text)]
+  assert cli.main(["calibrate", "/dev/null", *overrides]) == 2
+  assert "calibrate needs a target: set privacy.target_epsilon" in capsys.readouterr().err

@@ -4,6 +4,7 @@ All runs are tiny (logistic regression, <= 8 clients, <= 6 rounds, noise on).
 """
 
 import json
+import re
 import shutil
 
 import jax
@@ -262,6 +263,10 @@ def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch
   _check_equals_run_a(run_a, config, out, atol=1e-6)
 
 
+def _files(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize("override, key", [
     ("privacy.noise_multiplier=0.7", "privacy.noise_multiplier"),
     ("privacy.clip_norm=2.0", "privacy.clip_norm"),
@@ -271,12 +276,12 @@ def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch
 def test_resume_with_changed_key_is_refused(interrupted, tmp_path, override, key):
   out = tmp_path / "b"
   shutil.copytree(interrupted, out)
-  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  before = _files(out)
   with pytest.raises(ValueError) as info:
     runner.run(_config(RESUME, override), out, resume=True, progress=False)
   assert key in str(info.value)
   # Nothing in the run directory changed.
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  assert _files(out) == before
 
 
 def test_resume_with_only_backend_changed(run_a, interrupted, tmp_path):
@@ -301,3 +306,48 @@ def test_resume_of_a_finished_run_keeps_its_results(run_a, tmp_path):
   # Nothing left to train, but the summary must still report the model's accuracy.
   assert summary["test_accuracy"] == pytest.approx(a_summary["test_accuracy"], abs=1e-6)
   assert summary["test_loss"] == pytest.approx(a_summary["test_loss"], abs=1e-6)
+
+
+def test_block_schedule_is_lazy_and_matches_the_set_it_replaced():
+  """Blocks end at evaluations, checkpoints and the last round; rounds = 2^32 costs nothing."""
+  from fedjax_priv.runner import _block_ends
+  for start, rounds, every, checkpoint in [(0, 10, 3, 0), (4, 23, 5, 7), (0, 7, 10, 2),
+                                           (6, 6, 1, 0), (1, 12, 4, 6)]:
+    expected = {rounds} | set(range(every, rounds, every))
+    if checkpoint:
+      expected |= set(range(checkpoint, rounds, checkpoint))
+    assert list(_block_ends(start, rounds, every, checkpoint)) == sorted(
+        e for e in expected if e > start)
+  ends = _block_ends(0, 2**32, 1, 0)
+  assert [next(ends) for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("nonfinite, kept, warned", [
+    ([0.0, 1.0], [9.0, 10.0], False),   # 1 of 20: 5%, below the 10% share.
+    ([1.0, 1.0], [9.0, 9.0], False),    # 2 of 20: exactly 10%, not above.
+    ([3.0, 0.0], [7.0, 10.0], True),    # 3 of 20: 15%.
+    ([0.0, 0.0], [0.0, 0.0], False),    # No real client at all.
+])
+def test_nonfinite_share_above_ten_percent_prints_one_line(capsys, nonfinite, kept, warned):
+  metrics = {"nonfinite_clients": np.array(nonfinite), "clients": np.array(kept)}
+  runner._warn_if_nonfinite(metrics, 4, 6)
+  err = capsys.readouterr().err
+  if warned:
+    assert err == (f"warning: rounds 5-6: {sum(nonfinite):.0f} of {sum(nonfinite) + sum(kept):.0f}"
+                   " client updates were NaN or inf and were left out of the aggregate\n")
+  else:
+    assert err == ""
+
+
+def test_a_run_whose_updates_overflow_warns_then_stops_naming_the_rounds(tmp_path, capsys):
+  """lr = 1e37: some updates are inf (left out, warned about), the finite rest overflow the sum."""
+  config = _config(TINY, "client.learning_rate=1e37", "client.local_steps=3",
+                   "simulation.rounds=2", "data.num_clients=8", "simulation.cohort_size=4",
+                   "simulation.backend=vmap")
+  with pytest.raises(ValueError, match=r"rounds 1-2: the server model became NaN or inf"):
+    runner.run(config, tmp_path, progress=False)
+  err = capsys.readouterr().err
+  # 2 rounds of 4 clients; more than 10% of them (at least 1) were dropped.
+  dropped = re.search(r"warning: rounds 1-2: (\d+) of 8 client updates were NaN or inf", err)
+  assert dropped and int(dropped.group(1)) >= 1
+  assert not (tmp_path / "summary.json").exists()

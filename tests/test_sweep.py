@@ -43,9 +43,10 @@ def test_every_run_equals_the_runner_on_its_config(grid_result, tmp_path):
   result, grid = grid_result
   assert result.traced == tuple(grid) and result.outer == ()
   assert len(result.rows) == 8
-  for row in (result.rows[0], result.rows[-3]):
+  for i, row in enumerate((result.rows[0], result.rows[-3])):
     overrides = [f"{key}={row[key]}" for key in grid]
-    summary = runner.run(_config(*overrides), tmp_path / str(len(overrides)), progress=False)
+    # One directory per run: a run directory holds one run (run_directory).
+    summary = runner.run(_config(*overrides), tmp_path / str(i), progress=False)
     assert row["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1.5 / 360)
     assert row["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
     assert row["epsilon"] == pytest.approx(summary["privacy"]["epsilon"], rel=1e-9)
@@ -142,7 +143,9 @@ def test_cli_sweep_writes_csv_json_and_plot(tmp_path, capsys):
   assert [row["privacy.noise_multiplier"] for row in report["rows"]] == [0.8, 1.6]
   lines = (out / "results.csv").read_text().splitlines()
   assert len(lines) == 3 and "epsilon" in lines[0]
-  assert (out / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+  assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  header = next(line for line in printed.splitlines() if "epsilon" in line).split()
+  assert header[-4:] == ["epsilon", "delta", "delta_total", "test_acc"]
   assert np.isfinite(report["rows"][0]["epsilon"])
   assert cli.main(["sweep", str(config), "--grid", "privacy.bogus=1"]) == 2
 

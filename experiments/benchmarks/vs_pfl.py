@@ -141,7 +141,7 @@ def run_scan(config: Config, out: Path) -> dict[str, Any]:
   """The runner end to end: one block of all rounds (eval_every = rounds) in one lax.scan."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # fixed_as_poisson warns by design; the report says it.
-    summary = runner.run(config, out, progress=False)
+    summary = runner.run(config, out, progress=False, overwrite=True)  # Re-runnable.
   return {"wall_time_s": summary["wall_time_s"], "compile_time_s": summary["compile_time_s"],
           "test_accuracy": summary["test_accuracy"], "epsilon_rdp": summary["privacy"]["epsilon"]}
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_priv.algorithms.client_update import make_local_training
-from fedjax_priv.data.device import ClientBatch
+from fedjax_priv.types import ClientBatch
 from fedjax_priv.models.model import Model, Params, evaluate
 
 

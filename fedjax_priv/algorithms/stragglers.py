@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_priv.data.device import ClientBatch
+from fedjax_priv.types import ClientBatch
 
 STRAGGLER_POLICIES = ("drop", "partial")
 

@@ -10,31 +10,13 @@ serves every round.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from fedjax_priv.data.packing import CohortData
+from fedjax_priv.types import ClientBatch  # Re-exported: users import it from here.
 
 BATCHING_MODES = ("shuffle", "poisson")
-
-
-class ClientBatch(NamedTuple):
-  """The local batches of one cohort.
-
-  Attributes:
-    x: [K, S, B, *feature_shape] float32 inputs (K clients, S local steps, B slots).
-    y: [K, S, B] int32 labels.
-    example_mask: [K, S, B] float32, 1.0 for a real example, 0.0 for padding.
-    num_examples: [K] int32, size of each client's local dataset.
-    client_mask: [K] float32, 1.0 for a real client, 0.0 for a padded slot.
-  """
-  x: jax.Array
-  y: jax.Array
-  example_mask: jax.Array
-  num_examples: jax.Array
-  client_mask: jax.Array
 
 
 def gather_cohort(population: CohortData, indices: jax.Array, mask: jax.Array) -> CohortData:

@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     raise ValueError(f"{path}: truncated header ({len(data)} bytes for {ndim} dimensions)")
   shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
   dtype = _TYPES[code]
-  expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow.
   if len(data) != expected:
     raise ValueError(
         f"{path}: size {len(data)} bytes does not match shape {shape} of {dtype.name} "

@@ -79,9 +79,10 @@ def iter_leaf_users(directory: str | os.PathLike) -> Iterator[tuple[str, Mapping
   """Yields ``(user, {"x": [...], "y": [...]})`` from every file, one file in memory.
 
   Raises:
-    ValueError: If a file lacks ``users``/``user_data``, a user's ``x`` and
-      ``y`` (or ``num_samples``) disagree in length, or a user appears twice;
-      the message names the file and user.
+    ValueError: If a file lacks ``users``/``user_data``, ``users``,
+      ``num_samples`` and ``user_data`` do not list the same users, a
+      user's ``x`` and ``y`` (or ``num_samples``) disagree in length, or a
+      user appears twice; the message names the file and user.
   """
   seen = set()
   for path in leaf_files(directory):
@@ -89,12 +90,23 @@ def iter_leaf_users(directory: str | os.PathLike) -> Iterator[tuple[str, Mapping
       content = json.load(f)
     if not isinstance(content, dict) or "users" not in content or "user_data" not in content:
       raise ValueError(f"{path}: a LEAF file needs 'users' and 'user_data' keys")
-    num_samples = content.get("num_samples", [None] * len(content["users"]))
-    for user, n in zip(content["users"], num_samples):
+    users, user_data = content["users"], content["user_data"]
+    if not isinstance(users, list) or not isinstance(user_data, dict):
+      raise ValueError(f"{path}: 'users' must be a list and 'user_data' an object")
+    num_samples = content.get("num_samples", [None] * len(users))
+    # zip would silently drop the users past the shorter list.
+    if not isinstance(num_samples, list) or len(num_samples) != len(users):
+      raise ValueError(f"{path}: 'num_samples' must list one count per user: "
+                       f"{len(users)} users, num_samples {num_samples!r:.80}")
+    unlisted = sorted(set(map(str, user_data)) - set(map(str, users)))
+    if unlisted:
+      raise ValueError(f"{path}: user_data holds {len(unlisted)} users missing from 'users' "
+                       f"(first: {unlisted[0]!r})")
+    for user, n in zip(users, num_samples):
       if user in seen:
         raise ValueError(f"{path}: user {user!r} appears in more than one place")
       seen.add(user)
-      data = content["user_data"].get(user)
+      data = user_data.get(user)
       if data is None or "x" not in data or "y" not in data:
         raise ValueError(f"{path}: user {user!r} has no user_data with 'x' and 'y'")
       if len(data["x"]) != len(data["y"]) or (n is not None and n != len(data["y"])):

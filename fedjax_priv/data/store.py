@@ -21,6 +21,16 @@ than an implicit rowid because SQLite may renumber implicit rowids on VACUUM,
 and positions must be stable for cohort sampling by index; ``client_id`` is
 UNIQUE, so it serves as the natural key with one index.
 
+Everything read is checked before it is used, and each failure is one
+``ValueError`` naming the file, the client and the field: the metadata
+(format version, dtypes, shape, compression, ``num_classes``), the ``idx``
+column (positions ``0 .. N-1`` with no gap), each row's types, its
+``num_examples`` against the byte length of its blobs (before anything is
+allocated or decompressed; a zlib blob is inflated to at most the bytes
+its row declares), labels in ``[0, num_classes)`` and features finite. A
+store written before ``num_classes`` was recorded is read with labels
+capped at ``MAX_CLASSES``.
+
 Training can stream from a store instead of loading it: ``source()`` is the
 store as a ``fedjax_priv.data.population.ClientSource`` that holds only the
 client sizes and reads each cohort with one query (``clients``), so host
@@ -52,6 +62,15 @@ from fedjax_priv.data.federated import FederatedDataset
 
 FORMAT_VERSION = 1
 _COMPRESSIONS = ("none", "zlib")
+# Label cap for stores whose metadata predates ``num_classes``: a label beyond
+# it is corruption, not a class (a model with 2^20 outputs is already huge).
+MAX_CLASSES = 1 << 20
+# One example's features may not exceed this many bytes (1 GiB), so a bad
+# ``x_shape`` fails before any row is read.
+_MAX_EXAMPLE_BYTES = 1 << 30
+# Deflate cannot expand a blob by more than 1032:1 (RFC 1951: a 258-byte match
+# costs at least 2 bits), so a row declaring more is refused unread.
+_ZLIB_MAX_RATIO = 1032
 # A transaction is committed once this many rows or bytes are pending, which
 # bounds the writer's memory whatever the population size.
 _MAX_PENDING_ROWS = 4096
@@ -76,6 +95,14 @@ def _little_endian(dtype) -> np.dtype:
   return dtype.newbyteorder("<") if dtype.byteorder not in ("|", "<") else dtype
 
 
+def _feature_dtype(dtype) -> np.dtype:
+  """A little-endian bool, integer or float dtype: what a store can hold and read back."""
+  dtype = _little_endian(dtype)
+  if dtype.kind not in "biuf":
+    raise ValueError(f"x_dtype must be a bool, integer or float dtype, got {dtype}")
+  return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreInfo:
   """What a store holds, from its metadata table.
@@ -90,6 +117,9 @@ class StoreInfo:
     y_dtype: Integer dtype of the labels.
     compression: ``"none"`` or ``"zlib"``.
     extra: Further JSON-serialisable facts (partition, seed, vocabulary...).
+    num_classes: Labels lie in ``[0, num_classes)``; ``None`` in stores
+      written before it was recorded (labels are then capped at
+      ``MAX_CLASSES``).
   """
 
   name: str
@@ -101,6 +131,17 @@ class StoreInfo:
   y_dtype: np.dtype
   compression: str = "none"
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  num_classes: int | None = None
+
+  @property
+  def label_bound(self) -> int:
+    """Labels must be below this: ``num_classes``, or ``MAX_CLASSES`` if unrecorded."""
+    return MAX_CLASSES if self.num_classes is None else self.num_classes
+
+  @property
+  def example_bytes(self) -> int:
+    """Bytes of one example's features."""
+    return math.prod(self.x_shape) * self.x_dtype.itemsize
 
   def to_rows(self) -> list[tuple[str, str]]:
     values = {
@@ -115,30 +156,78 @@ class StoreInfo:
         "compression": self.compression,
         "extra": dict(self.extra),
     }
+    if self.num_classes is not None:
+      values["num_classes"] = self.num_classes
     return [(key, json.dumps(value)) for key, value in values.items()]
 
   @classmethod
-  def from_rows(cls, rows: Iterable[tuple[str, str]], path: Path) -> StoreInfo:
-    values = {key: json.loads(value) for key, value in rows}
+  def from_rows(cls, rows: Iterable[tuple[Any, Any]], path: Path) -> StoreInfo:
+    """Parses and checks the metadata rows; ValueError names the file and the key."""
+    values = {}
+    for key, value in rows:
+      if not isinstance(key, str) or not isinstance(value, str):
+        raise ValueError(f"{path}: metadata key {key!r} must map to a JSON text, got {value!r}")
+      try:
+        values[key] = json.loads(value)
+      except ValueError:
+        raise ValueError(f"{path}: metadata {key} is not valid JSON: {value[:80]!r}") from None
     version = values.get("format_version")
     if version != FORMAT_VERSION:
       raise ValueError(
           f"{path}: metadata format_version must be {FORMAT_VERSION}, got {version!r}"
       )
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    optional = {"num_classes"}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in values and f.name not in optional]
     if missing:
       raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
+    for key in ("name", "split", "source", "license"):
+      if not isinstance(values[key], str):
+        raise ValueError(f"{path}: metadata {key} must be a string, got {values[key]!r}")
+    if values["compression"] not in _COMPRESSIONS:
+      raise ValueError(f"{path}: metadata compression must be one of {_COMPRESSIONS}, got "
+                       f"{values['compression']!r}")
+    if not isinstance(values["extra"], dict):
+      raise ValueError(f"{path}: metadata extra must be an object, got {values['extra']!r}")
+    x_dtype = _metadata_dtype(values, "x_dtype", path, _feature_dtype)
+    y_dtype = _metadata_dtype(values, "y_dtype", path, _little_endian)
+    if y_dtype.kind not in "iu":
+      raise ValueError(f"{path}: metadata y_dtype must be an integer dtype, got {y_dtype}")
+    shape = values["x_shape"]
+    if not (isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+      raise ValueError(f"{path}: metadata x_shape must be a list of integers >= 1, got {shape!r}")
+    if math.prod(shape) * x_dtype.itemsize > _MAX_EXAMPLE_BYTES:
+      raise ValueError(f"{path}: metadata x_shape {shape} of {x_dtype} needs "
+                       f"{math.prod(shape) * x_dtype.itemsize} bytes per example, more than "
+                       f"{_MAX_EXAMPLE_BYTES}")
+    num_classes = values.get("num_classes")
+    label_max = min(MAX_CLASSES, int(np.iinfo(y_dtype).max) + 1)
+    if num_classes is not None and not (
+        isinstance(num_classes, int) and not isinstance(num_classes, bool)
+        and 1 <= num_classes <= label_max):
+      raise ValueError(f"{path}: metadata num_classes must be an integer in [1, {label_max}], "
+                       f"got {num_classes!r}")
     return cls(
         name=values["name"],
         split=values["split"],
         source=values["source"],
         license=values["license"],
-        x_dtype=np.dtype(values["x_dtype"]),
-        x_shape=tuple(values["x_shape"]),
-        y_dtype=np.dtype(values["y_dtype"]),
+        x_dtype=x_dtype,
+        x_shape=tuple(shape),
+        y_dtype=y_dtype,
         compression=values["compression"],
         extra=values["extra"],
+        num_classes=num_classes,
     )
+
+
+def _metadata_dtype(values: Mapping[str, Any], key: str, path: Path, parse) -> np.dtype:
+  try:
+    return parse(values[key])
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"{path}: metadata {key} = {values[key]!r} is not a dtype a store holds "
+                     f"({error})") from None
 
 
 class StoreWriter:
@@ -162,6 +251,8 @@ class StoreWriter:
     compression: ``"none"`` or ``"zlib"`` (smaller files for redundant data
       such as overlapping text windows, slower reads).
     extra: JSON-serialisable metadata stored alongside.
+    num_classes: Labels must lie in ``[0, num_classes)``; default: the
+      largest label written plus one, recorded at ``close()``.
     overwrite: Replace an existing ``path``.
 
   Raises:
@@ -181,6 +272,7 @@ class StoreWriter:
       y_dtype="int32",
       compression: str = "none",
       extra: Mapping[str, Any] | None = None,
+      num_classes: int | None = None,
       overwrite: bool = False,
   ):
     self._path = Path(path)
@@ -192,9 +284,18 @@ class StoreWriter:
     if not np.issubdtype(y_dtype, np.integer):
       raise ValueError(f"y_dtype must be an integer dtype, got {y_dtype}")
     json.dumps(dict(extra or {}))  # Fails now, not at close(), if not serialisable.
+    if num_classes is not None:
+      label_max = min(MAX_CLASSES, int(np.iinfo(y_dtype).max) + 1)
+      if (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+          or not 1 <= num_classes <= label_max):
+        raise ValueError(f"num_classes must be an integer in [1, {label_max}], got "
+                         f"{num_classes!r}")
+      num_classes = int(num_classes)
+    self._num_classes = num_classes
+    self._max_label = -1
     self._meta = dict(name=name, split=split, source=source, license=license,
                       y_dtype=y_dtype, compression=compression, extra=dict(extra or {}))
-    self._x_dtype = None if x_dtype is None else _little_endian(x_dtype)
+    self._x_dtype = None if x_dtype is None else _feature_dtype(x_dtype)
     self._x_shape = None if x_shape is None else tuple(int(d) for d in x_shape)
     self._partial = self._path.with_name(self._path.name + ".partial")
     self._partial.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +324,9 @@ class StoreWriter:
       y: Integer labels ``[n]``.
 
     Raises:
-      ValueError: If the id is not a non-empty string, or the shapes or dtypes
-        disagree with the store's; the message names the client.
+      ValueError: If the id is not a non-empty string, the shapes or dtypes
+        disagree with the store's, a label is outside ``[0, num_classes)``
+        or a feature is not finite; the message names the client.
     """
     if self._db is None:
       raise ValueError("the writer is closed")
@@ -237,7 +339,7 @@ class StoreWriter:
     if self._x_shape is None:
       self._x_shape = tuple(x.shape[1:])
     if self._x_dtype is None:
-      self._x_dtype = _little_endian(x.dtype)
+      self._x_dtype = _feature_dtype(x.dtype)
     if tuple(x.shape[1:]) != self._x_shape:
       raise ValueError(
           f"client {client_id!r}: x must have shape [n, *{self._x_shape}], got {x.shape}"
@@ -257,6 +359,14 @@ class StoreWriter:
         raise ValueError(
             f"client {client_id!r}: y must fit in {y_dtype}, got range [{y.min()}, {y.max()}]"
         )
+      limit = MAX_CLASSES if self._num_classes is None else self._num_classes
+      if y.min() < 0 or y.max() >= limit:
+        raise ValueError(f"client {client_id!r}: labels must lie in [0, {limit}), got range "
+                         f"[{y.min()}, {y.max()}]")
+      self._max_label = max(self._max_label, int(y.max()))
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+      raise ValueError(f"client {client_id!r}: x holds {int(np.sum(~np.isfinite(x)))} "
+                       "non-finite values (NaN or inf)")
     x_blob = np.ascontiguousarray(x, dtype=self._x_dtype).tobytes()
     y_blob = np.ascontiguousarray(y, dtype=y_dtype).tobytes()
     if self._meta["compression"] == "zlib":
@@ -303,7 +413,11 @@ class StoreWriter:
       self.abort()
       raise ValueError("an empty store needs x_dtype and x_shape")
     self._flush()
-    info = StoreInfo(x_dtype=self._x_dtype, x_shape=self._x_shape, **self._meta)
+    num_classes = self._num_classes
+    if num_classes is None and self._max_label >= 0:
+      num_classes = self._max_label + 1
+    info = StoreInfo(x_dtype=self._x_dtype, x_shape=self._x_shape, num_classes=num_classes,
+                     **self._meta)
     with self._db:
       self._db.execute("BEGIN")
       self._db.executemany("INSERT INTO metadata VALUES (?, ?)", info.to_rows())
@@ -337,7 +451,10 @@ class FederatedStore:
 
   Raises:
     FileNotFoundError: If ``path`` does not exist.
-    ValueError: If the file is not a store of a known format version.
+    ValueError: If the file is not a store of a known format version, its
+      metadata is invalid, or its positions (``idx``) are not ``0 .. N-1``.
+      Rows are checked when they are read (``client_sizes``, ``client``,
+      ``clients``, ``get``, iteration): each error names the client and field.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -347,12 +464,22 @@ class FederatedStore:
     self._db = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=ro", uri=True)
     try:
       rows = self._db.execute("SELECT key, value FROM metadata").fetchall()
+      self.info = StoreInfo.from_rows(rows, self._path)
+      count, first, last = self._db.execute(
+          "SELECT COUNT(*), MIN(idx), MAX(idx) FROM clients").fetchone()
     except sqlite3.DatabaseError as error:
       self._db.close()
       raise ValueError(f"{self._path} is not a federated store: {error}") from None
-    self.info = StoreInfo.from_rows(rows, self._path)
+    except ValueError:
+      self._db.close()
+      raise
+    # Positions are sampled by index; a gap would be a KeyError mid-run.
+    if count and (first != 0 or last != count - 1):
+      self._db.close()
+      raise ValueError(f"{self._path}: client positions (idx) must be 0 .. {count - 1} without "
+                       f"gaps, got {count} rows spanning [{first}, {last}]")
     self._row_size = math.prod(self.info.x_shape)
-    self._num_clients = self._db.execute("SELECT COUNT(*) FROM clients").fetchone()[0]
+    self._num_clients = count
 
   @property
   def num_clients(self) -> int:
@@ -370,19 +497,71 @@ class FederatedStore:
     return [r[0] for r in self._db.execute("SELECT client_id FROM clients ORDER BY idx")]
 
   def client_sizes(self) -> np.ndarray:
-    """Examples per client, int64 ``[num_clients]``, in position order."""
-    rows = self._db.execute("SELECT num_examples FROM clients ORDER BY idx")
-    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=self._num_clients)
+    """Examples per client, int64 ``[num_clients]``, in position order.
+
+    Each row's ``num_examples`` is checked against its blobs' byte lengths
+    (SQLite reads lengths without the blobs), so a size that would ask
+    for an allocation the row cannot fill is refused here.
+    """
+    rows = self._db.execute("SELECT client_id, num_examples, typeof(x), length(x), typeof(y), "
+                            "length(y) FROM clients ORDER BY idx")
+    return np.fromiter((self._checked_size(*row) for row in rows), dtype=np.int64,
+                       count=self._num_clients)
+
+  def _fail(self, client_id: Any, field: str, problem: str):
+    raise ValueError(f"{self._path}: client {client_id!r}: {field} {problem}")
+
+  def _checked_size(self, client_id, n, x_type, x_len, y_type, y_len) -> int:
+    """``n`` after checking the row's id, size and blob lengths."""
+    if not isinstance(client_id, str) or not client_id:
+      self._fail(client_id, "client_id", "must be a non-empty string")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      self._fail(client_id, "num_examples", f"must be an integer >= 0, got {n!r}")
+    for field, kind, length, need in (("x", x_type, x_len, n * self.info.example_bytes),
+                                      ("y", y_type, y_len, n * self.info.y_dtype.itemsize)):
+      if kind != "blob":
+        self._fail(client_id, field, f"must be a blob, got {kind}")
+      if self.info.compression == "none" and length != need:
+        self._fail(client_id, field, f"holds {length} bytes, but num_examples = {n} needs {need}")
+      if self.info.compression == "zlib" and need > length * _ZLIB_MAX_RATIO:
+        self._fail(client_id, field, f"is a {length}-byte zlib blob, which cannot inflate to "
+                   f"the {need} bytes num_examples = {n} needs")
+    return n
+
+  def _inflate(self, client_id: str, field: str, blob: bytes, need: int) -> bytes:
+    """``blob`` decompressed to exactly ``need`` bytes, never more in memory."""
+    inflater = zlib.decompressobj()
+    try:
+      data = inflater.decompress(blob, need + 1)
+    except zlib.error as error:
+      self._fail(client_id, field, f"is not zlib data although metadata compression = zlib "
+                 f"({error})")
+    if len(data) != need or not inflater.eof or inflater.unused_data:
+      self._fail(client_id, field, f"does not inflate to the {need} bytes num_examples needs")
+    return data
 
   def _decode(self, client_id: str, n: int, x_blob: bytes, y_blob: bytes):
-    if self.info.compression == "zlib":
-      x_blob, y_blob = zlib.decompress(x_blob), zlib.decompress(y_blob)
-    x = np.frombuffer(x_blob, dtype=self.info.x_dtype)
-    y = np.frombuffer(y_blob, dtype=self.info.y_dtype)
-    if len(x) != n * self._row_size or len(y) != n:
-      raise ValueError(
-          f"{self._path}: client {client_id!r} has blobs that do not hold {n} examples")
-    return x.reshape(n, *self.info.x_shape), y
+    """Checks one row and returns its ``(x [n, *x_shape], y [n])``."""
+    info = self.info
+    self._checked_size(client_id, n, *_blob_facts(x_blob), *_blob_facts(y_blob))
+    if info.compression == "zlib":
+      x_blob = self._inflate(client_id, "x", x_blob, n * info.example_bytes)
+      y_blob = self._inflate(client_id, "y", y_blob, n * info.y_dtype.itemsize)
+    x = np.frombuffer(x_blob, dtype=info.x_dtype).reshape(n, *info.x_shape)
+    y = self._checked_labels(client_id, np.frombuffer(y_blob, dtype=info.y_dtype))
+    if info.x_dtype.kind == "f" and n and not np.all(np.isfinite(x)):
+      self._fail(client_id, "x", f"holds {int(np.sum(~np.isfinite(x)))} non-finite values "
+                 "(NaN or inf)")
+    return x, y
+
+  def _checked_labels(self, client_id: str, y: np.ndarray) -> np.ndarray:
+    if len(y) and (y.min() < 0 or y.max() >= self.info.label_bound):
+      bad = y[(y < 0) | (y >= self.info.label_bound)]
+      recorded = ("metadata num_classes" if self.info.num_classes is not None
+                  else "MAX_CLASSES, as metadata records no num_classes")
+      self._fail(client_id, "y", f"must lie in [0, {self.info.label_bound}) ({recorded}), got "
+                 f"{len(bad)} labels outside, e.g. {int(bad[0])}")
+    return y
 
   def get(self, client_id: str) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(x [n, *x_shape], y [n])`` of one client (read-only arrays).
@@ -449,14 +628,14 @@ class FederatedStore:
     Reads only the label blobs, one row at a time (bounded memory, one pass).
     """
     largest = -1
-    for client_id, n, y_blob in self._db.execute("SELECT client_id, num_examples, y FROM clients"):
+    rows = self._db.execute(
+        "SELECT client_id, num_examples, typeof(x), length(x), y FROM clients")
+    for client_id, n, x_type, x_len, y_blob in rows:
+      self._checked_size(client_id, n, x_type, x_len, *_blob_facts(y_blob))
+      if self.info.compression == "zlib":
+        y_blob = self._inflate(client_id, "y", y_blob, n * self.info.y_dtype.itemsize)
+      y = self._checked_labels(client_id, np.frombuffer(y_blob, dtype=self.info.y_dtype))
       if n:
-        if self.info.compression == "zlib":
-          y_blob = zlib.decompress(y_blob)
-        y = np.frombuffer(y_blob, dtype=self.info.y_dtype)
-        if len(y) != n:
-          raise ValueError(f"{self._path}: client {client_id!r} has a y blob that does not hold "
-                           f"{n} labels")
         largest = max(largest, int(y.max()))
     return largest
 
@@ -471,7 +650,12 @@ class FederatedStore:
       yield (client_id, *self._decode(client_id, n, x, y))
 
   def to_federated(self) -> FederatedDataset:
-    """Loads every client into one ``FederatedDataset`` (ids and order kept)."""
+    """Loads every client into one ``FederatedDataset`` (ids and order kept).
+
+    Raises:
+      ValueError: If a row is invalid (before the arrays are allocated when
+        the sizes are wrong).
+    """
     sizes = self.client_sizes()
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     x = np.empty((offsets[-1], *self.info.x_shape), dtype=self.info.x_dtype.newbyteorder("="))
@@ -491,6 +675,13 @@ class FederatedStore:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _blob_facts(value: Any) -> tuple[str, int | None]:
+  """(SQLite type name, byte length) of a value read from a blob column."""
+  if isinstance(value, bytes):
+    return "blob", len(value)
+  return {str: "text", int: "integer", float: "real"}.get(type(value), "null"), None
 
 
 class StoreSource:

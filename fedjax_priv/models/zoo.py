@@ -34,13 +34,21 @@ class _MLP(nn.Module):
 
 
 def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
-  """Multinomial logistic regression on the flattened input."""
+  """Multinomial logistic regression on the flattened input.
+
+  (prod(input_shape) + 1) * num_classes parameters: 650 for the 8x8 digits
+  and 10 classes, 7,850 for 28x28x1 images.
+  """
   return from_linen(_MLP((), num_classes), input_shape, num_classes)
 
 
 def mlp(input_shape: Sequence[int], num_classes: int,
         hidden: Sequence[int] = (200, 200)) -> Model:
-  """ReLU multi-layer perceptron; `hidden` lists the widths of the hidden layers."""
+  """ReLU multi-layer perceptron; `hidden` lists the widths of the hidden layers.
+
+  199,210 parameters with the default (200, 200) on 28x28x1 images and 10
+  classes; 4,810 with hidden = (64,) on the 8x8 digits (the config default).
+  """
   if any(int(w) < 1 for w in hidden):
     raise ValueError(f"mlp: hidden widths must be >= 1, got {tuple(hidden)}")
   return from_linen(_MLP(tuple(int(w) for w in hidden), num_classes), input_shape, num_classes)
@@ -105,6 +113,12 @@ def cnn(input_shape: Sequence[int], num_classes: int, features: Sequence[int] = 
 
   Reference: Reddi et al., "Adaptive Federated Optimization", ICLR 2021
   (dropout omitted: the engine trains deterministic models).
+
+  1,199,882 parameters on 28x28x1 images with 10 classes (1,206,590 with
+  EMNIST's 62), almost all of them in the dense layer after pooling. Under
+  DP the noise added to the sum has this many coordinates while the clip
+  norm bounds the whole update, so the signal-to-noise ratio per
+  coordinate is far lower than for a small model.
 
   Args:
     input_shape: (height, width, channels).

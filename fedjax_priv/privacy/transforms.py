@@ -160,12 +160,18 @@ class Transform(NamedTuple):
       Raises ValueError where the stage cannot go (e.g. a clip after the sum).
     dp_event: Tracked -> DpEvent or None: the event of the stage's release.
     needs_key: whether `update` draws randomness.
+    clipped: for a clipping stage, `tree -> {part: bool scalar}`: whether the
+      stage scales each part of its input down; the part is "" for a clip of
+      the whole unit and the leaf's path ("Dense_0/kernel") per layer. None
+      for stages that do not clip. Reported as `clipped_fraction` (see
+      `as_aggregator`).
   """
   init: Callable[[PyTree], Any]
   update: Callable[[PyTree, Any, jax.Array | None, Tracked], tuple[PyTree, Any]]
   propagate: Callable[[Tracked], Tracked] = forget_bounds
   dp_event: Callable[[Tracked], dp_accounting.DpEvent | None] = _no_event
   needs_key: bool = False
+  clipped: Callable[[PyTree], dict[str, jax.Array]] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -173,6 +179,10 @@ class Transform(NamedTuple):
 
 
 def _check_multiplier(name: str, value: Any) -> float:
+  if isinstance(value, jax.core.Tracer):
+    # A sweep traces the multiplier to build its one program; the same chain
+    # built with the concrete value on the host is checked and accounted.
+    return value
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
       math.isfinite(value) and value >= 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -211,7 +221,10 @@ def clip_l2(clip_norm: float) -> Transform:
     return tracked._replace(l2=min(tracked.l2, clip_norm),
                             noise_std=_reshaped_noise(tracked))
 
-  return Transform(no_state, update, propagate)
+  def clipped(tree):
+    return {"": tree_util.l2_norm(tree) > clip_norm}
+
+  return Transform(no_state, update, propagate, clipped=clipped)
 
 
 def clip_l2_per_layer(clip_norms: PyTree) -> Transform:
@@ -232,6 +245,7 @@ def clip_l2_per_layer(clip_norms: PyTree) -> Transform:
   leaves = [check_positive(f"clip_l2_per_layer(clip_norms){jax.tree_util.keystr(path)}", c)
             for path, c in with_paths]
   total = math.sqrt(sum(c * c for c in leaves))
+  names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in with_paths]
 
   def update(tree, state, key, tracked):
     del key, tracked
@@ -246,7 +260,13 @@ def clip_l2_per_layer(clip_norms: PyTree) -> Transform:
     return tracked._replace(l2=min(tracked.l2, total),
                             noise_std=_reshaped_noise(tracked))
 
-  return Transform(no_state, update, propagate)
+  def clipped(tree):
+    # Each layer against its own C_l: a unit can be clipped in one layer
+    # while its total norm stays below sqrt(sum_l C_l^2).
+    return {name: jnp.linalg.norm(jnp.ravel(leaf)) > c
+            for name, leaf, c in zip(names, jax.tree.leaves(tree), leaves)}
+
+  return Transform(no_state, update, propagate, clipped=clipped)
 
 
 def clip_l1(clip_norm: float) -> Transform:
@@ -272,7 +292,10 @@ def clip_l1(clip_norm: float) -> Transform:
     return tracked._replace(l2=min(tracked.l2, clip_norm), l1=min(tracked.l1, clip_norm),
                             noise_std=_reshaped_noise(tracked))
 
-  return Transform(no_state, update, propagate)
+  def clipped(tree):
+    return {"": tree_util.l1_norm(tree) > clip_norm}
+
+  return Transform(no_state, update, propagate, clipped=clipped)
 
 
 # --------------------------------------------------------------------------
@@ -293,7 +316,10 @@ def _noise_propagate(name: str, sensitivity: Callable[[Tracked], float],
           f"{name} before sum_units() is local noise, which is analysed under "
           "relation=REPLACE_ONE (local DP); under add/remove an absent unit also removes its "
           "noise. Build the chain with relation=NeighboringRelation.REPLACE_ONE")
-    noise_std = math.hypot(tracked.noise_std, std(tracked))
+    added = std(tracked)
+    # A traced multiplier (a sweep's program) leaves the static std unknown.
+    noise_std = (math.hypot(tracked.noise_std, added) if tree_util.is_concrete_number(added)
+                 else math.nan)
     if tracked.summed:
       # Independent noise is post-processing: the aggregate's sensitivity stands.
       return tracked._replace(noise_std=noise_std)
@@ -467,7 +493,7 @@ class Chain(NamedTuple):
     """State of every stage, from the model params."""
     return tuple(t.init(params) for t in self.transforms)
 
-  def _run(self, stages: range, tree, state, key):
+  def _run(self, stages: range, tree, state, key, clipped: dict | None = None):
     if not isinstance(state, tuple) or len(state) != len(self.transforms):
       raise ValueError(f"state must be chain.init(params), a tuple of {len(self.transforms)} "
                        f"stage states, got {type(state).__name__} of length "
@@ -481,6 +507,9 @@ class Chain(NamedTuple):
       stage_keys = dict(zip(keyed, jax.random.split(key, len(keyed)))) if keyed else {}
     state = list(state)
     for i in stages:
+      if clipped is not None and self.transforms[i].clipped is not None:
+        for part, flag in self.transforms[i].clipped(tree).items():
+          clipped[(i, part)] = flag
       tree, state[i] = self.transforms[i].update(tree, state[i], stage_keys.get(i),
                                                  self.tracked[i])
     return tree, tuple(state)
@@ -494,13 +523,24 @@ class Chain(NamedTuple):
     Raises:
       ValueError: a stage returned a state other than the one it was given.
     """
-    out, new_state = self._run(self._unit_stages(), tree, state, key)
+    return self.update_unit_clipped(tree, state, key)[0]
+
+  def update_unit_clipped(self, tree: PyTree, state: tuple, key: jax.Array
+                          ) -> tuple[PyTree, dict[tuple[int, str], jax.Array]]:
+    """`update_unit`, and whether each clipping stage clipped each part of the unit.
+
+    Returns:
+      (output, {(stage index, part): bool scalar}); a part is "" for a clip
+      of the whole unit and the leaf's path for `clip_l2_per_layer`.
+    """
+    clipped: dict[tuple[int, str], jax.Array] = {}
+    out, new_state = self._run(self._unit_stages(), tree, state, key, clipped)
     for i in self._unit_stages():
       before, after = jax.tree.leaves(state[i]), jax.tree.leaves(new_state[i])
       if len(before) != len(after) or any(a is not b for a, b in zip(before, after)):
         raise ValueError(f"stage {i} of the chain runs per unit (before sum_units()) and "
                          "changed its state; per-unit stages cannot write state")
-    return out
+    return out, clipped
 
   def update_aggregate(self, tree: PyTree, state: tuple, key: jax.Array
                        ) -> tuple[PyTree, tuple]:
@@ -620,10 +660,15 @@ def as_aggregator(chain_: Chain) -> Aggregator:
   with `RoundContext.key` and returns the new chain state. The total weight
   (the realised count) is never used.
 
-  Stats: prepare reports `delta_norm` (L2 norm of the client's delta) and,
-  when one unit's L2 norm is bounded at the sum by C, `clipped_fraction`
-  (delta_norm > C), and `local_noise_stddev`, the std of a client's own noise
-  per coordinate, when there is local noise; finalize reports
+  Stats: prepare reports `delta_norm` (L2 norm of the client's delta); when
+  the chain clips, `clipped_fraction`: 1 for a client that any clipping
+  stage scaled down in any part (so the round's metric is the fraction of
+  clients clipped), and under `clip_l2_per_layer` also
+  `clipped_fraction/<layer path>` per layer; and `local_noise_stddev`, the
+  std of a client's own noise per coordinate, when there is local noise.
+  (Comparing the delta's total norm with the chain's bound would miss a
+  per-layer clip: one layer can be clipped 50x while the total norm stays
+  below sqrt(sum_l C_l^2).) finalize reports
   `noise_stddev`, the std of the noise in each coordinate of the update,
   when the chain knows it (not after local noise: it depends on the count).
 
@@ -631,19 +676,21 @@ def as_aggregator(chain_: Chain) -> Aggregator:
     chain_: a Chain with `sum_units()`.
   """
   sum_index = _require_sum(chain_, "as_aggregator")
-  unit_bound = chain_.tracked[sum_index].l2
   local_noise_std = chain_.tracked[sum_index].noise_std
   noise_std = chain_.output.noise_std
 
   def prepare(state, delta, num_examples, ctx):
     del num_examples  # Weighting by example count would break the sensitivity bound.
-    norm = tree_util.l2_norm(delta)
-    stats = {"delta_norm": norm}
-    if math.isfinite(unit_bound):
-      stats["clipped_fraction"] = (norm > unit_bound).astype(jnp.float32)
+    stats = {"delta_norm": tree_util.l2_norm(delta)}
+    out, clipped = chain_.update_unit_clipped(delta, state, ctx.key)
+    if clipped:
+      stats["clipped_fraction"] = jnp.any(jnp.stack(list(clipped.values()))).astype(jnp.float32)
+      for (_, part), flag in clipped.items():
+        if part:
+          stats[f"clipped_fraction/{part}"] = flag.astype(jnp.float32)
     if local_noise_std > 0:
       stats["local_noise_stddev"] = jnp.float32(local_noise_std)
-    return chain_.update_unit(delta, state, ctx.key), jnp.float32(1.0), stats
+    return out, jnp.float32(1.0), stats
 
   def finalize(state, total, total_weight, ctx):
     del total_weight

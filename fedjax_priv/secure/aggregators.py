@@ -31,6 +31,20 @@ runtime error naming the cause when the jitted round runs (via
 `jax.debug.callback`); `check_threshold` does the same check on the host
 before a round.
 
+Refused when built (and again when the round is traced, with the cohort's
+K slots): a cohort of fewer than 2 slots; with `clip_norm`, a bit width that
+cannot hold the largest possible sum. Each coordinate of a clipped (and
+rotated: the rotation is orthonormal) update is at most C in magnitude, so
+it quantises to at most ceil(C * scale) < C * scale + 1, and K clients sum
+to less than K (C * scale + 1); the centred lift recovers any sum in
+[-2^(b-1), 2^(b-1)), so K (C * scale + 1) <= 2^(b-1) rules out wrap-around
+(up to float32 rounding of the clipped norm). Without `clip_norm` nothing
+bounds an update: wrap-around is possible and `quant_range_used` is the
+only sign of it. A `threshold` below floor(h / 2) + 1 of the h share holders
+per client is refused (a minority of holders could then reconstruct a
+client's secrets, the majority condition of Bonawitz et al. 2017, Sec. 4 and
+Bell et al. 2020), and one above h, since no secret could ever be recovered.
+
 Neighbouring relation: none of its own. Masking and quantisation add no
 privacy: the server learns the survivors' quantised sum. With `clip_norm`
 each client's contribution (before rounding) has L2 norm <= C, so
@@ -49,6 +63,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +88,12 @@ def _raise_if_failed(failed, survivors, dropouts, threshold):
         f"secure aggregation failed: {int(survivors)} clients survived and {int(dropouts)} "
         f"dropped; some client's secret has fewer than threshold t={threshold} surviving "
         "share holders, so the masks cannot be removed")
+
+
+def _raise_if_above(real, max_cohort):
+  if real > max_cohort:
+    raise ValueError(f"a round has {int(real)} real clients, more than secure_sum's max_cohort "
+                     f"= {max_cohort}, for which its bit width and threshold were checked")
 
 
 _host_graph = jax.jit(secagg.masking_graph, static_argnums=2)
@@ -100,10 +121,41 @@ def check_threshold(cohort_mask, included, threshold: int, neighbours: int | Non
   _raise_if_failed(not ok, alive.sum(), (real & ~alive).sum(), threshold)
 
 
+def check_cohort(bits: int, scale: float, clip_norm: float | None, num_slots: int,
+                 neighbours: int | None, threshold: int | None) -> None:
+  """Raises ValueError if a cohort of `num_slots` slots cannot run `secure_sum` safely.
+
+  Refuses fewer than 2 slots (a sum of one client is that client's update,
+  and the protocol's pairs and shares need two), a bit width whose modulus
+  cannot hold the largest sum K (clip_norm * scale + 1) of K = `num_slots`
+  clipped, quantised updates, and a threshold outside
+  [floor(h / 2) + 1, h] for the h = K (complete graph) or k + 1 (SecAgg+)
+  share holders of a client.
+  """
+  if num_slots < 2:
+    raise ValueError(f"secure_sum needs a cohort of at least 2 slots, got {num_slots}: one "
+                     "client's masked sum is its own update")
+  if clip_norm is not None:
+    ratio = quant.overflow_ratio(clip_norm, scale, num_slots, bits)
+    if ratio > 1:
+      needed = math.ceil(math.log2(num_slots * (clip_norm * scale + 1))) + 1
+      raise ValueError(
+          f"bits = {bits} cannot hold the sum of {num_slots} clients at clip_norm = {clip_norm} "
+          f"and scale = {scale}: it may reach {num_slots * (clip_norm * scale + 1):.4g} against "
+          f"2^{bits - 1} = {2 ** (bits - 1)}, and would wrap around; use bits >= {needed}, a "
+          "smaller scale or a smaller cohort")
+  holders = num_slots if neighbours is None else neighbours + 1
+  if threshold is not None and not holders // 2 + 1 <= threshold <= holders:
+    raise ValueError(f"threshold = {threshold} must be in [{holders // 2 + 1}, {holders}] for "
+                     f"the {holders} share holders of each client (floor(h / 2) + 1 at least, "
+                     "so no minority of holders can reconstruct a client's secrets)")
+
+
 def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | None = None,
                rotate: bool = True, neighbours: int | None = None,
                threshold: int | None = None, dropout_rate: float = 0.0, prg: str = "hash",
-               raise_on_failure: bool = True, mask_chunk: int = 16) -> Aggregator:
+               raise_on_failure: bool = True, mask_chunk: int = 16,
+               max_cohort: int | None = None) -> Aggregator:
   """Secure summation of quantised client updates, divided by a public denominator.
 
   Args:
@@ -116,15 +168,22 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     rotate: randomized Hadamard rotation before quantising (shared key).
     neighbours: None for SecAgg (complete graph), or the even SecAgg+ degree
       k (see secagg.default_degree).
-    threshold: t, shares needed to recover a secret; default
-      floor(h / 2) + 1 of the h holders per client (K slots for SecAgg,
-      k + 1 for SecAgg+), fixed when the round is traced.
+    threshold: t, shares needed to recover a secret, in [floor(h / 2) + 1, h]
+      for the h holders per client (K slots for SecAgg, k + 1 for
+      SecAgg+); default floor(h / 2) + 1, fixed when the round is traced.
     dropout_rate: probability in [0, 1) that a client drops after masking.
     prg: mask PRG, "hash" or "threefry" (secagg.prg).
     raise_on_failure: raise SecureSumFailed at run time when unmasking is
       impossible (else only report `secagg_failed`).
     mask_chunk: pairs (or clients) per vmapped chunk when pair masks are
       expanded in finalize and when the server regenerates masks.
+    max_cohort: the most cohort slots K a round will have; given, the
+      cohort checks (`check_cohort`: K >= 2, no wrap-around at
+      `clip_norm`, the threshold's range) run now, else when the round is
+      traced with its K.
+
+  Raises:
+    ValueError: invalid arguments, named; the cohort checks above.
 
   Returns:
     An Aggregator. prepare's stats: delta_norm, secagg_dropped (the fraction
@@ -149,6 +208,25 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     raise ValueError(f"prg must be one of {secagg.PRGS}, got {prg!r}")
   if threshold is not None and not (isinstance(threshold, int) and threshold >= 1):
     raise ValueError(f"threshold must be None or an int >= 1, got {threshold!r}")
+  if max_cohort is not None:
+    if isinstance(max_cohort, bool) or not isinstance(max_cohort, int):
+      raise ValueError(f"max_cohort must be None or an int, got {max_cohort!r}")
+    check_cohort(bits, scale, clip_norm, max_cohort, neighbours, threshold)
+  elif neighbours is not None and threshold is not None:
+    check_cohort(bits, scale, None, neighbours + 1, neighbours, threshold)
+
+  def check_traced_cohort(num_slots):
+    """The cohort checks once the round's K slots are known (static, at trace time).
+
+    Without max_cohort they run on the K slots, which bound the real cohort
+    from above (padding adds slots): sound, but stricter than the real
+    cohort needs. With max_cohort they ran when built; a round with more
+    real clients than max_cohort is refused when it runs.
+    """
+    if max_cohort is None:
+      check_cohort(bits, scale, clip_norm, num_slots, neighbours, threshold)
+    elif num_slots < 2:
+      check_cohort(bits, scale, clip_norm, num_slots, neighbours, threshold)
 
   def init(params):
     # Size-0 leaves that keep the params' shapes in their trailing axes: finalize
@@ -168,6 +246,7 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
 
   def graph_and_threshold(ctx):
     num_slots = ctx.cohort_mask.shape[0]
+    check_traced_cohort(num_slots)
     if neighbours is not None and neighbours >= num_slots:
       raise ValueError(f"neighbours={neighbours} needs more than {num_slots} cohort slots; "
                        "use neighbours=None (complete graph) for small cohorts")
@@ -177,6 +256,7 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
   def prepare(state, delta, num_examples, ctx):
     del num_examples  # Weights only select; weighting would break the masks.
     num_slots = ctx.cohort_mask.shape[0]
+    check_traced_cohort(num_slots)
     norm = tree_util.l2_norm(delta)
     if clip_norm is not None:
       delta, _ = clip_by_l2_norm(delta, clip_norm)
@@ -202,6 +282,9 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     if raise_on_failure:
       jax.debug.callback(functools.partial(_raise_if_failed, threshold=t), ~ok,
                          stats["secagg_survivors"], stats["secagg_dropouts"])
+    if max_cohort is not None:
+      jax.debug.callback(functools.partial(_raise_if_above, max_cohort=max_cohort),
+                         jnp.sum(ctx.cohort_mask > 0))
     ints = quant.unwrap(plain, bits)
     x = quant.dequantize(ints, scale)
     if rotate:

@@ -44,7 +44,7 @@ import optax
 from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ClientUpdate
 from fedjax_priv.algorithms.server import ServerState, server_update
-from fedjax_priv.data.device import ClientBatch
+from fedjax_priv.types import ClientBatch
 from fedjax_priv.privacy.aggregation import Aggregator, ClientContext, RoundContext
 
 BACKENDS = ("vmap", "chunked", "loop")

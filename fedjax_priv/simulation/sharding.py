@@ -63,7 +63,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ClientUpdate
 from fedjax_priv.algorithms.server import ServerState
-from fedjax_priv.data.device import ClientBatch
+from fedjax_priv.types import ClientBatch
 from fedjax_priv.privacy.aggregation import Aggregator, RoundContext
 from fedjax_priv.simulation.program import Batching, rounds_on_device
 from fedjax_priv.simulation.round import (RoundFn, check_batch, finish_round, pad_client_slots,

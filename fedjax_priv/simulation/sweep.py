@@ -42,9 +42,14 @@ def make_sweep_program(exp, make_training: Callable, evaluator: Callable,
     run); `population` the device-resident `CohortData` of every client;
     `indices`/`masks` each run's cohorts. It returns a dict of [G] arrays:
     test_accuracy, test_loss, and the mean over rounds of train_loss,
-    clipped_fraction (when the aggregator clips) and nonfinite_clients.
+    clipped_fraction (when the aggregator clips) and nonfinite_clients; and
+    each run's learning curve, evaluated at the rounds `evaluation_rounds`
+    names (as `runner.run` evaluates): curve_test_accuracy and
+    curve_test_loss [G, E], and curve_train_loss [G, R], every round's.
   """
   rounds = exp.settings.rounds
+  every = min(exp.settings.eval_every, rounds)
+  full_blocks, rest = divmod(rounds, every)
 
   def one_run(hp, seed, population: CohortData, indices, masks):
     training = make_training(hp)
@@ -52,9 +57,26 @@ def make_sweep_program(exp, make_training: Callable, evaluator: Callable,
     state = server_init(exp.model.init(init_key), training.server_optimizer, training.aggregator)
     keys = jax.vmap(lambda r: jax.random.fold_in(rounds_key, r))(jnp.arange(rounds))
     run = rounds_on_device(training.round_fn, exp.batching)
-    state, metrics = run(state, population, indices, masks, keys)
-    accuracy, loss = evaluator(state.params)
-    summary = {"test_accuracy": accuracy, "test_loss": loss,
+
+    def block(state, inputs):
+      state, metrics = run(state, population, *inputs)
+      return state, (metrics, evaluator(state.params))
+
+    # Blocks of eval_every rounds, each evaluated, then the rounds left over.
+    head = full_blocks * every
+    blocks = jax.tree.map(lambda a: a[:head].reshape(full_blocks, every, *a.shape[1:]),
+                          (indices, masks, keys))
+    state, (metrics, (accuracies, losses)) = jax.lax.scan(block, state, blocks)
+    metrics = jax.tree.map(lambda m: m.reshape(head, *m.shape[2:]), metrics)
+    if rest:
+      state, (last, (accuracy, loss)) = block(
+          state, jax.tree.map(lambda a: a[head:], (indices, masks, keys)))
+      metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), metrics, last)
+      accuracies = jnp.append(accuracies, accuracy)
+      losses = jnp.append(losses, loss)
+    summary = {"test_accuracy": accuracies[-1], "test_loss": losses[-1],
+               "curve_test_accuracy": accuracies, "curve_test_loss": losses,
+               "curve_train_loss": metrics["train_loss"],
                "train_loss": jnp.mean(metrics["train_loss"]),
                "nonfinite_clients": jnp.sum(metrics["nonfinite_clients"])}
     if "clipped_fraction" in metrics:
@@ -72,3 +94,10 @@ def make_sweep_program(exp, make_training: Callable, evaluator: Callable,
                        (hp, seeds, indices, masks), batch_size=max_parallel)
 
   return program
+
+
+def evaluation_rounds(rounds: int, eval_every: int) -> list[int]:
+  """The rounds after which a sweep's program (and `runner.run`) evaluates: every
+  `eval_every`-th and the last."""
+  every = min(eval_every, rounds)
+  return list(range(every, rounds + 1, every)) + ([rounds] if rounds % every else [])

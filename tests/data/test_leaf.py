@@ -91,3 +91,23 @@ def test_inconsistent_folders_are_rejected_naming_the_user(tmp_path):
   write_leaf(tmp_path / "femnist" / "b.json", {"v": {"x": [[0.0] * 783], "y": [1]}})
   with pytest.raises(ValueError, match=r"user 'v': femnist x must be 784 floats"):
     read_leaf(tmp_path / "femnist", "femnist")
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"users": ["u", "v", "w", "z"], "num_samples": [1],
+      "user_data": {u: {"x": [[0.0] * 60], "y": [1]} for u in "uvwz"}},
+     r"'num_samples' must list one count per user: 4 users"),
+    ({"users": ["u"], "num_samples": [1, 1],
+      "user_data": {"u": {"x": [[0.0] * 60], "y": [1]}}}, "one count per user: 1 users"),
+    ({"users": ["u"], "num_samples": [1],
+      "user_data": {u: {"x": [[0.0] * 60], "y": [1]} for u in "uv"}},
+     r"user_data holds 1 users missing from 'users' \(first: 'v'\)"),
+    ({"users": "u", "num_samples": [1], "user_data": {}}, "'users' must be a list"),
+    ({"users": ["u"], "num_samples": 1, "user_data": {"u": {"x": [[0.0] * 60], "y": [1]}}},
+     "'num_samples' must list"),
+])
+def test_users_num_samples_and_user_data_must_agree(tmp_path, content, match):
+  """No silent zip truncation: every listed user is read or the file is refused."""
+  (tmp_path / "a.json").write_text(json.dumps(content))
+  with pytest.raises(ValueError, match=match):
+    read_leaf(tmp_path, "synthetic")

@@ -9,7 +9,7 @@ import pytest
 from fedjax_priv.data.federated import FederatedDataset
 from fedjax_priv.data.packing import pack_cohort
 from fedjax_priv.data.population import ClientSource, GeneratedPopulation
-from fedjax_priv.data.store import FederatedStore, StoreSource, write_store
+from fedjax_priv.data.store import FederatedStore, write_store
 
 
 def _as_dataset(source, num_clients):

@@ -15,6 +15,7 @@ from fedjax_priv.algorithms.client_update import make_client_update
 from fedjax_priv.algorithms.server import server_init
 from fedjax_priv.data.device import ClientBatch
 from fedjax_priv.models.model import example_losses, from_linen, from_nnx
+from fedjax_priv.models import zoo
 from fedjax_priv.models.zoo import cnn, logistic_regression, mlp
 from fedjax_priv.privacy.aggregation import weighted_mean
 from fedjax_priv.simulation.round import build_round
@@ -163,3 +164,19 @@ def test_from_nnx_gives_logits_and_gradients():
   other = jit(model.init)(jax.random.key(1))
   assert float(tree_util.l2_norm(tree_util.sub(params, other))) > 0
   assert tree_util.num_parameters(params) == 16 * 6 + 6 + 6 * 3 + 3
+
+
+@pytest.mark.parametrize("make, count", [
+    (lambda: zoo.logistic_regression((8, 8), 10), 650),
+    (lambda: zoo.logistic_regression((28, 28, 1), 10), 7_850),
+    (lambda: zoo.mlp((28, 28, 1), 10), 199_210),
+    (lambda: zoo.mlp((8, 8), 10, (64,)), 4_810),
+    (lambda: zoo.cnn((28, 28, 1), 10), 1_199_882),
+    (lambda: zoo.cnn((28, 28, 1), 62), 1_206_590),
+])
+def test_parameter_counts_stated_in_the_docstrings(make, count):
+  model = make()
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) == count
+  documented = {zoo.logistic_regression, zoo.mlp, zoo.cnn}
+  assert any(f"{count:,}" in fn.__doc__ for fn in documented)

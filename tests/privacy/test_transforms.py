@@ -438,3 +438,43 @@ def test_doc_top_k_example_in_a_round():
     total = tree_util.add(total, sparse)
   expected = tree_util.scale(tree_util.add(total, gaussian_like(server_key, total, 0.5)), 1 / 8.0)
   np.testing.assert_allclose(flat(state.params), flat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_clipped_fraction_equals_a_direct_count():
+  """A client counts as clipped when any layer is; each layer's fraction is reported too.
+
+  The bias bound is huge, so the total-norm bound sqrt(C_k^2 + C_b^2) is
+  never reached: comparing total norms (the old report) would say 0 while
+  about half the clients have their kernel clipped.
+  """
+  num_clients, num_real = 8, 7
+  batch, key = make_batch(11, num_clients, num_real), jax.random.key(12)
+  # Each real client's own delta: the same round with only its slot real,
+  # through a chain that does not clip (zero start params, server lr 1).
+  plain = T.as_aggregator(T.chain(T.sum_units()))
+  deltas = []
+  for k in range(num_real):
+    alone = batch._replace(client_mask=jnp.asarray(np.arange(num_clients) == k, jnp.float32))
+    deltas.append(run_round(plain, alone, key)[0].params["Dense_0"])
+  kernel_norms = np.array([float(jnp.linalg.norm(d["kernel"])) for d in deltas])
+  bias_norms = np.array([float(jnp.linalg.norm(d["bias"])) for d in deltas])
+  # Bounds halfway between two clients' norms, so float32 rounding cannot tip a count.
+  between = lambda norms, i: float(np.mean(np.sort(norms)[i:i + 2]))
+  bounds = {"Dense_0": {"kernel": between(kernel_norms, 3), "bias": between(bias_norms, 4)}}
+  assert np.all(np.hypot(kernel_norms, bias_norms) < 1e3)
+  chain = T.chain(T.clip_l2_per_layer({"Dense_0": {"kernel": bounds["Dense_0"]["kernel"],
+                                                   "bias": 1e3}}), T.sum_units())
+  _, metrics = run_round(T.as_aggregator(chain), batch, key)
+  kernel_clipped = kernel_norms > bounds["Dense_0"]["kernel"]
+  assert 0 < kernel_clipped.sum() < num_real
+  assert float(metrics["clipped_fraction"]) == pytest.approx(kernel_clipped.mean())
+  assert float(metrics["clipped_fraction/Dense_0/kernel"]) == pytest.approx(kernel_clipped.mean())
+  assert float(metrics["clipped_fraction/Dense_0/bias"]) == 0.0
+  # Both layers with finite bounds: clipped if either is.
+  chain = T.chain(T.clip_l2_per_layer(bounds), T.sum_units())
+  _, metrics = run_round(T.as_aggregator(chain), batch, key)
+  either = kernel_clipped | (bias_norms > bounds["Dense_0"]["bias"])
+  assert either.sum() > kernel_clipped.sum()
+  assert float(metrics["clipped_fraction"]) == pytest.approx(either.mean())
+  assert float(metrics["clipped_fraction/Dense_0/bias"]) == pytest.approx(
+      (bias_norms > bounds["Dense_0"]["bias"]).mean())

@@ -71,7 +71,6 @@ def test_stochastic_round_is_unbiased():
 
 def encode_decode_sum(xs, scale, bits, rotation_key, round_keys):
   """The secure-sum pipeline without masks: per-client encode, modular sum, decode."""
-  d_pad = xs.shape[1]
 
   def encode(x, key):
     return q.wrap(q.quantize(q.hadamard_rotate(x, rotation_key), scale, key), bits)

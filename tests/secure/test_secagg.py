@@ -205,7 +205,10 @@ INPUT_SHAPE, NUM_CLASSES, K, S, B, CHUNK = (4, 4, 1), 3, 10, 2, 4, 4
 LOGREG = logistic_regression(INPUT_SHAPE, NUM_CLASSES)
 CLIENT_UPDATE = make_client_update(LOGREG, optax.sgd(1.0))
 BITS, SCALE, CLIP, DENOM = 20, 2.0**10, 1.0, float(K)
-AGGREGATOR = secure_sum(BITS, SCALE, DENOM, clip_norm=CLIP, threshold=4, dropout_rate=0.3)
+# t = 6 = floor(10 / 2) + 1, the smallest threshold a 10-client complete graph accepts
+# (checked against max_cohort: the chunked backend pads the cohort to 12 slots).
+AGGREGATOR = secure_sum(BITS, SCALE, DENOM, clip_norm=CLIP, threshold=6, dropout_rate=0.3,
+                        max_cohort=K)
 
 
 @functools.cache
@@ -257,7 +260,7 @@ def test_secure_sum_round_matches_plain_quantised_mean_under_all_backends():
   results = {b: secure_round(b)(state, batch, key) for b in ("vmap", "chunked", "loop")}
   _, metrics = results["vmap"]
   dropped = float(metrics["secagg_dropouts"])
-  assert 0 < dropped < K - 1 - 4  # Some dropouts, still above the threshold t = 4.
+  assert 0 < dropped <= K - 1 - 6  # Some dropouts, still at least the threshold t = 6.
   assert float(metrics["secagg_survivors"]) == K - 1 - dropped
   assert float(metrics["secagg_failed"]) == 0.0
   assert 0 < float(metrics["quant_overflow_ratio"]) < 1
@@ -279,10 +282,10 @@ def test_secure_sum_round_matches_plain_quantised_mean_under_all_backends():
 
 
 def test_secure_sum_round_below_threshold_raises():
-  """Three real clients cannot reach t = 4 surviving share holders: the jitted round raises."""
+  """Three real clients cannot reach t = 6 surviving share holders: the jitted round raises."""
   params = jax.tree.map(jnp.zeros_like, jit(LOGREG.init)(jax.random.key(0)))
   state = server_init(params, optax.sgd(1.0), AGGREGATOR)
-  with pytest.raises(Exception, match="threshold t=4"):
+  with pytest.raises(Exception, match="threshold t=6"):
     jax.block_until_ready(secure_round("vmap")(state, make_batch(3, num_real=3),
                                                 jax.random.key(0)))
 
@@ -296,3 +299,65 @@ def test_secure_sum_rejects_bad_config():
     secure_sum(16, 1.0, 1.0, neighbours=3)
   with pytest.raises(ValueError, match="dropout_rate"):
     secure_sum(16, 1.0, 1.0, dropout_rate=1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # 10 clients x (1.0 * 2^20 + 1) > 2^(20 - 1): the sum would wrap around.
+    (dict(bits=20, scale=2.0**20, clip_norm=1.0, max_cohort=10), r"bits = 20 cannot hold .* >= 25"),
+    (dict(bits=16, scale=256.0, clip_norm=42.0, max_cohort=400), "would wrap around"),
+    (dict(bits=32, scale=1.0, max_cohort=1), "at least 2 slots, got 1"),
+    (dict(bits=32, scale=1.0, max_cohort=0), "at least 2 slots, got 0"),
+    (dict(bits=32, scale=1.0, threshold=1, max_cohort=10), r"threshold = 1 must be in \[6, 10\]"),
+    (dict(bits=32, scale=1.0, threshold=5, max_cohort=10), r"threshold = 5 must be in \[6, 10\]"),
+    (dict(bits=32, scale=1.0, threshold=11, max_cohort=10), r"threshold = 11 must be in \[6, 10\]"),
+    # SecAgg+: h = k + 1 holders, known without the cohort.
+    (dict(bits=32, scale=1.0, neighbours=4, threshold=2), r"threshold = 2 must be in \[3, 5\]"),
+    (dict(bits=32, scale=1.0, max_cohort=True), "max_cohort must be None or an int"),
+])
+def test_secure_sum_refuses_unsafe_cohorts_when_built(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    secure_sum(denominator=10.0, **kwargs)
+
+
+def test_the_wrap_around_bound_is_tight_and_matches_the_reported_ratio():
+  """The largest scale that passes has quant_overflow_ratio <= 1; one step more is refused."""
+  bits, clip, cohort = 20, 1.0, 10
+  largest = (2 ** (bits - 1) / cohort - 1) / clip
+  secure_sum(bits, largest, 10.0, clip_norm=clip, max_cohort=cohort)
+  assert float(quant.overflow_ratio(clip, largest, cohort, bits)) <= 1.0
+  with pytest.raises(ValueError, match="wrap around"):
+    secure_sum(bits, largest * 1.001, 10.0, clip_norm=clip, max_cohort=cohort)
+
+
+def _state_and_batch(num_slots, num_real):
+  params = jax.tree.map(jnp.zeros_like, jit(LOGREG.init)(jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  batch = ClientBatch(
+      jnp.asarray(rng.normal(size=(num_slots, S, B, *INPUT_SHAPE)), jnp.float32),
+      jnp.zeros((num_slots, S, B), jnp.int32), jnp.ones((num_slots, S, B), jnp.float32),
+      jnp.full((num_slots,), S * B, jnp.int32),
+      jnp.asarray(np.arange(num_slots) < num_real, jnp.float32))
+  return params, batch
+
+
+def test_secure_sum_without_max_cohort_checks_the_traced_slots():
+  """No ZeroDivisionError for one slot, and a wrap-around refused with the round's K."""
+  params, batch = _state_and_batch(1, 1)
+  aggregator = secure_sum(BITS, SCALE, 1.0, clip_norm=CLIP)
+  fn = build_round(CLIENT_UPDATE, aggregator, optax.sgd(1.0), "vmap")
+  with pytest.raises(ValueError, match="at least 2 slots, got 1"):
+    fn(server_init(params, optax.sgd(1.0), aggregator), batch, jax.random.key(0))
+  params, batch = _state_and_batch(K, K)
+  aggregator = secure_sum(12, SCALE, float(K), clip_norm=CLIP)
+  fn = build_round(CLIENT_UPDATE, aggregator, optax.sgd(1.0), "vmap")
+  with pytest.raises(ValueError, match=f"bits = 12 cannot hold the sum of {K} clients"):
+    fn(server_init(params, optax.sgd(1.0), aggregator), batch, jax.random.key(0))
+
+
+def test_secure_sum_refuses_a_round_above_max_cohort():
+  params, batch = _state_and_batch(K, K)
+  aggregator = secure_sum(BITS, SCALE, float(K), clip_norm=CLIP, max_cohort=K - 2)
+  fn = jit(build_round(CLIENT_UPDATE, aggregator, optax.sgd(1.0), "vmap"))
+  with pytest.raises(Exception, match=f"{K} real clients, more than secure_sum's max_cohort"):
+    jax.block_until_ready(fn(server_init(params, optax.sgd(1.0), aggregator), batch,
+                             jax.random.key(0)))

@@ -9,7 +9,6 @@ must set XLA_FLAGS first.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -44,7 +43,7 @@ CONFIGS = {
     # A custom combine (sum mod 2^b) with simulated dropouts.
     "secure_sum": lambda: (make_client_update(MODEL, optax.sgd(0.5)),
                            secure_sum(bits=24, scale=256.0, denominator=float(K), clip_norm=1.0,
-                                      threshold=5, dropout_rate=0.2)),
+                                      threshold=6, dropout_rate=0.2, max_cohort=K)),
 }
 # (config, backend) pairs the device test shards.
 CASES = (("dp_mean", "vmap"), ("dp_mean", "chunked"), ("example_dp", "vmap"),
