@@ -42,12 +42,15 @@ def models() -> list[Entry]:
               lambda shape, k: zoo.mlp(shape, k, defaults.hidden)),
       "cnn": ("conv32-conv64-pool-dense128 (Reddi et al. 2021); images only",
               lambda shape, k: zoo.cnn(shape, k)),
+      "tanh_cnn": ("the tanh CNN of Papernot et al. 2021 for DP-SGD; 28x28 images only",
+                   lambda shape, k: zoo.tanh_cnn(shape, k)),
   }
   entries = []
   for name in config_lib.CHOICES["model.name"]:
     text, make = makers[name]
     counts = [f"{parameter_count(make(shape, k)):,} params on {label}"
-              for label, shape, k in _SHAPES if name != "cnn" or len(shape) == 3]
+              for label, shape, k in _SHAPES
+              if name not in ("cnn", "tanh_cnn") or len(shape) == 3]
     entries.append(Entry(name, f"{text}: {'; '.join(counts)}"))
   return entries
 

@@ -56,6 +56,9 @@ SUMMARY = "summary.json"
 LOCK = ".lock"
 # The files of a run; a directory holding any of them holds a run.
 RUN_FILES = (MANIFEST, CONFIG, CHECKPOINT, METRICS, SUMMARY)
+# Files the run rewrites from those above (`metric_writers`, `plots`): not
+# part of the protocol, but their temporary files are debris all the same.
+DERIVED_FILES = ("metrics.csv", "rounds.csv", "curves.png")
 _HASHED = (CONFIG, CHECKPOINT, SUMMARY)
 _FORMAT = 1
 
@@ -206,7 +209,7 @@ class RunDirectory:
   def _remove_temporary_files(self) -> None:
     # `checkpoint.write_atomic` names them .NAME.RANDOM.tmp; under our lock no
     # writer of this directory is alive, so every one of them is debris.
-    for name in RUN_FILES:
+    for name in RUN_FILES + DERIVED_FILES:
       for tmp in self.path.glob(f".{name}.*.tmp"):
         tmp.unlink(missing_ok=True)
 

@@ -53,7 +53,7 @@ POISSON_60 = [
     "data.num_clients=60", "simulation.cohort_size=6", "simulation.sampling=poisson",
     "privacy.unit=user", "simulation.eval_every=1",
 ]
-TIMING = ("wall_time_s", "compile_time_s")
+TIMING = ("wall_time_s", "compile_time_s", "eval_time_s")
 
 
 def _config(*overrides):
