@@ -170,20 +170,8 @@ def poisson_batch_buckets(num_examples: int, sampling_rate: float, capacity: int
   return tuple(sorted(size for size in sizes if size < capacity))
 
 
-class FixedSizeSampler:
-  """Draws exactly ``cohort_size`` clients per round, uniformly without replacement.
-
-  Attributes:
-    name: ``"fixed"``.
-    num_clients: Population size ``N``.
-    cohort_size: Clients per round.
-    capacity: Cohort slots, equal to ``cohort_size``.
-    expected_cohort_size: ``float(cohort_size)``.
-    sampling_rate: ``cohort_size / num_clients``.
-    seed: Base seed; round ``r`` uses ``default_rng([seed, r])``.
-  """
-
-  name = "fixed"
+class _ExactCohortSampler:
+  """Fields of the samplers that take exactly ``cohort_size`` of ``num_clients`` clients per round."""
 
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
     """Initialises the sampler.
@@ -208,10 +196,24 @@ class FixedSizeSampler:
     self.sampling_rate = self.cohort_size / self.num_clients
 
   def __repr__(self) -> str:
-    return (
-        f"FixedSizeSampler(num_clients={self.num_clients}, "
-        f"cohort_size={self.cohort_size}, seed={self.seed})"
-    )
+    return (f"{type(self).__name__}(num_clients={self.num_clients}, "
+            f"cohort_size={self.cohort_size}, seed={self.seed})")
+
+
+class FixedSizeSampler(_ExactCohortSampler):
+  """Draws exactly ``cohort_size`` clients per round, uniformly without replacement.
+
+  Attributes:
+    name: ``"fixed"``.
+    num_clients: Population size ``N``.
+    cohort_size: Clients per round.
+    capacity: Cohort slots, equal to ``cohort_size``.
+    expected_cohort_size: ``float(cohort_size)``.
+    sampling_rate: ``cohort_size / num_clients``.
+    seed: Base seed; round ``r`` uses ``default_rng([seed, r])``.
+  """
+
+  name = "fixed"
 
   def sample(self, round_index: int) -> Cohort:
     """Draws the cohort of one round.
@@ -331,7 +333,7 @@ class PoissonSampler:
     return _padded_cohort(chosen, self.capacity, overflow=num_sampled - num_kept)
 
 
-class ShuffledEpochSampler:
+class ShuffledEpochSampler(_ExactCohortSampler):
   """Epoch e is a permutation of the clients (seeded by (seed, e)) cut into cohorts of K.
 
   An epoch has N // K rounds; the N mod K clients left over sit the epoch out.
@@ -340,14 +342,7 @@ class ShuffledEpochSampler:
   name = "shuffled_epochs"
 
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
-    self.num_clients = check_int("num_clients", num_clients, 1)
-    self.cohort_size = check_int("cohort_size", cohort_size, 1)
-    if self.cohort_size > self.num_clients:
-      raise ValueError(f"cohort_size ({cohort_size}) must be <= num_clients ({num_clients})")
-    self.seed = check_int("seed", seed, 0)
-    self.capacity = self.cohort_size
-    self.expected_cohort_size = float(self.cohort_size)
-    self.sampling_rate = self.cohort_size / self.num_clients
+    super().__init__(num_clients, cohort_size, seed)
     self.rounds_per_epoch = self.num_clients // self.cohort_size
 
   def sample(self, round_index: int) -> Cohort:
@@ -357,7 +352,7 @@ class ShuffledEpochSampler:
     return _padded_cohort(chosen, self.capacity, overflow=0)
 
 
-class CyclicSampler:
+class CyclicSampler(_ExactCohortSampler):
   """A fixed seeded partition of the clients into N // K groups of K; round r uses group r mod (N // K).
 
   Each client is in one group, so it takes part exactly every N // K rounds
@@ -370,14 +365,7 @@ class CyclicSampler:
   name = "cyclic"
 
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
-    self.num_clients = check_int("num_clients", num_clients, 1)
-    self.cohort_size = check_int("cohort_size", cohort_size, 1)
-    if self.cohort_size > self.num_clients:
-      raise ValueError(f"cohort_size ({cohort_size}) must be <= num_clients ({num_clients})")
-    self.seed = check_int("seed", seed, 0)
-    self.capacity = self.cohort_size
-    self.expected_cohort_size = float(self.cohort_size)
-    self.sampling_rate = self.cohort_size / self.num_clients
+    super().__init__(num_clients, cohort_size, seed)
     self.num_groups = self.num_clients // self.cohort_size
     order = np.random.default_rng([self.seed]).permutation(self.num_clients)
     self._groups = order[:self.num_groups * self.cohort_size].reshape(self.num_groups, -1)

@@ -107,8 +107,22 @@ class Full:
   overflow_probability_per_round = 0.0
 
 
+class _ExactCohorts:
+  """expected_cohort_size and sampling_rate of participation with exactly cohort_size clients."""
+  num_clients: int
+  cohort_size: int
+
+  @property
+  def expected_cohort_size(self) -> float:
+    return float(self.cohort_size)
+
+  @property
+  def sampling_rate(self) -> float:
+    return self.cohort_size / self.num_clients
+
+
 @dataclasses.dataclass(frozen=True)
-class FixedSize:
+class FixedSize(_ExactCohorts):
   """Exactly `cohort_size` distinct clients per round, uniformly without replacement.
 
   Fixed-size sampling is analysed for a population of fixed, public size, so
@@ -133,14 +147,6 @@ class FixedSize:
           f"fixed-size cohorts of {self.cohort_size} out of {self.num_clients} are accounted as "
           f"Poisson sampling with q = {self.sampling_rate:g} (add/remove relation): an "
           "approximation, not a proven bound for fixed-size sampling.", UserWarning, stacklevel=3)
-
-  @property
-  def expected_cohort_size(self) -> float:
-    return float(self.cohort_size)
-
-  @property
-  def sampling_rate(self) -> float:
-    return self.cohort_size / self.num_clients
 
   def sampler(self, seed: int) -> FixedSizeSampler:
     return FixedSizeSampler(self.num_clients, self.cohort_size, seed)
@@ -216,7 +222,7 @@ class Poisson:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShuffledEpochs:
+class ShuffledEpochs(_ExactCohorts):
   """Each user takes part at most once per epoch of N // K rounds (no amplification claimed).
 
   The population is fixed and public (a permutation needs it), so the
@@ -230,14 +236,6 @@ class ShuffledEpochs:
 
   def __post_init__(self):
     ShuffledEpochSampler(self.num_clients, self.cohort_size, 0)
-
-  @property
-  def expected_cohort_size(self) -> float:
-    return float(self.cohort_size)
-
-  @property
-  def sampling_rate(self) -> float:
-    return self.cohort_size / self.num_clients
 
   @property
   def rounds_per_epoch(self) -> int:
@@ -264,7 +262,7 @@ class ShuffledEpochs:
 
 
 @dataclasses.dataclass(frozen=True)
-class Cyclic:
+class Cyclic(_ExactCohorts):
   """A fixed seeded partition into b = N // K groups of K clients; round r uses group r mod b.
 
   Each user takes part exactly every b rounds, so in a run of R rounds at
@@ -286,14 +284,6 @@ class Cyclic:
 
   def __post_init__(self):
     CyclicSampler(self.num_clients, self.cohort_size, 0)
-
-  @property
-  def expected_cohort_size(self) -> float:
-    return float(self.cohort_size)
-
-  @property
-  def sampling_rate(self) -> float:
-    return self.cohort_size / self.num_clients
 
   @property
   def min_separation(self) -> int:
