@@ -94,7 +94,8 @@ TAGGED_PAGES = ("privacy.md", "distributed_dp.md", "homomorphic_encryption.md",
 
 
 def _tagged_blocks(page):
-  return re.findall(r"<!-- doc-test -->\s*```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+  return re.findall(r"<!-- doc-test(?:: [\w-]+)? -->\s*```python\n(.*?)```",
+                    (DOCS / page).read_text(), re.S)
 
 
 def test_every_docs_page_has_a_tested_calling_example():
@@ -106,7 +107,8 @@ def test_every_docs_page_has_a_tested_calling_example():
 
 @pytest.mark.parametrize("page", TAGGED_PAGES)
 def test_tagged_examples_run_as_written(page, in_tmp_dir):
-  """Every `<!-- doc-test -->` python block of the page, in order, in one namespace."""
+  """Every python block tagged `<!-- doc-test -->` (or `<!-- doc-test: name -->`, which other
+  tests also run), in order, in one namespace."""
   namespace = {}
   for i, block in enumerate(_tagged_blocks(page)):
     exec(compile(block, f"docs/{page} example {i}", "exec"), namespace)
