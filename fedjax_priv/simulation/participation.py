@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import warnings
 
 import dp_accounting
@@ -304,12 +305,16 @@ class Poisson:
       return None
     add_remove = privacy.event(ADD_OR_REMOVE)
     # Exact types: a subclass or another event may not be a Gaussian sum.
-    if type(add_remove) is not dp_accounting.GaussianDpEvent:
+    # A traced sigma (the program a sweep vmaps) is accounted from the host's
+    # build of each point, never from this one.
+    if (type(add_remove) is not dp_accounting.GaussianDpEvent
+        or not isinstance(add_remove.noise_multiplier, numbers.Real)):
       return None
     sigma = float(add_remove.noise_multiplier)
     replace = privacy.event(REPLACE_ONE)
     if not (math.isfinite(sigma) and sigma > 0
             and type(replace) is dp_accounting.GaussianDpEvent
+            and isinstance(replace.noise_multiplier, numbers.Real)
             and replace.noise_multiplier >= sigma / 2):
       return None
     return dp_accounting.TruncatedSubsampledGaussianDpEvent(

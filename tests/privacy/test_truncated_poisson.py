@@ -211,3 +211,18 @@ def test_the_event_survives_a_checkpointed_ledger():
   restored = PrivacyLedger.from_state_dict(ledger.state_dict())
   assert restored.event == ledger.event
   assert restored.epsilon(DELTA, "pld") == ledger.epsilon(DELTA, "pld")
+
+
+def test_a_traced_sigma_builds_the_program_and_is_accounted_elsewhere():
+  """`sweep_experiment` builds its vmapped program from traced sigmas; that build's event is
+  never accounted (each point's host build is), so it must build, not convert the tracer."""
+  import jax
+  chain = lambda s: T.as_aggregator(T.chain(T.clip_l2(CLIP), T.sum_units(), T.gaussian(s),
+                                            T.mean(M)))
+
+  def build(sigma):
+    event = Poisson(N, M).round_event(chain(sigma).privacy, 0, "pld")
+    assert isinstance(event, dp_accounting.PoissonSampledDpEvent)
+    return sigma
+
+  jax.vmap(build)(jax.numpy.array([0.5, 1.0]))
