@@ -2,8 +2,10 @@
 
 Every level reports (ε, δ_total) with δ_total = δ + (1 + e^ε)·Σ P[overflow]
 (truncated Poisson cohorts and batches, `privacy.truncation.overflow_delta`),
-so δ_total grows with ε and with the rounds. A claim "(ε, δ)" whose δ_total is
-far above the requested δ is misleading, so:
+so δ_total grows with ε and with the rounds. (Under the PLD accountant,
+truncated Poisson cohorts of a Gaussian sum are accounted by their own
+event and charge nothing: δ_total = δ, `participation.Poisson`.) A claim
+"(ε, δ)" whose δ_total is far above the requested δ is misleading, so:
 
 - `rounds_within_budget`: under `epsilon_budget` > 0, the run stops before
   the round that would take any level's ε past the budget or its δ_total past
@@ -13,7 +15,8 @@ far above the requested δ is misleading, so:
   run warns; above `DELTA_REFUSE_FACTOR`·δ it is refused, unless
   `allow_delta_overflow` (config: `privacy.allow_delta_overflow = true`) says
   the user accepts it. With that opt-in the budget's δ side does not stop the
-  run either; every claim still carries δ_total.
+  run either; every claim still carries δ_total. Sweeps apply the same rule
+  to every run of the grid before anything compiles (`check_delta_total`).
 
 Why a slack: any truncated Poisson round adds a positive term, so δ_total > δ
 after the first round of every such run (by 1.8e-6 relative for 60 clients,
@@ -112,15 +115,40 @@ def check_planned_delta(exp: Any, ledgers: dict[str, PrivacyLedger], rounds_done
       continue
     epsilon, delta_total = _delta_total_after(ledger, plan, rounds_done,
                                               last_round - rounds_done, settings)
-    if delta_total <= delta_limit(settings):
-      continue
-    ratio = delta_total / settings.delta
-    what = (f"the {plan.unit} level's delta_total after {last_round} rounds is "
-            f"{delta_total:.3g}, {ratio:.3g} x the requested privacy.delta = {settings.delta:g} "
-            f"(epsilon {epsilon:.4g}; truncated Poisson sampling adds (1 + e^epsilon) x "
-            "P[overflow] to delta)")
-    if ratio > DELTA_REFUSE_FACTOR and not settings.allow_delta_overflow:
-      raise ValueError(f"refusing to train: {what}; lower the rounds or epsilon, or set "
-                       "privacy.allow_delta_overflow = true to accept this delta")
-    _log.warning("WARNING: %s; the run claims (%.4g, %.3g)-DP, not (%.4g, %g)-DP",
-                 what, epsilon, delta_total, epsilon, settings.delta)
+    check_delta_total(plan, epsilon, delta_total, last_round, settings)
+
+
+def check_delta_total(plan: Any, epsilon: float, delta_total: float, rounds: int,
+                      settings: Any, run: str = "") -> None:
+  """The planned-δ rule for one level whose (ε, δ_total) after `rounds` rounds is known.
+
+  Silent up to `delta_limit`; a logged warning above it; a refusal above
+  DELTA_REFUSE_FACTOR·δ unless `settings.allow_delta_overflow`.
+
+  Args:
+    plan: the level's `PrivacyPlan` (its unit and sampling name the cause).
+    epsilon, delta_total: what the level will claim after `rounds` rounds.
+    rounds: rounds the run will train.
+    settings: the run's `RunSettings` (delta, accountant, allow_delta_overflow).
+    run: which run this is, e.g. a sweep's grid values; "" for a single run.
+
+  Raises:
+    ValueError: the refusal, one line naming the run, the numbers and why.
+  """
+  if delta_total <= delta_limit(settings):
+    return
+  ratio = delta_total / settings.delta
+  prefix = f"{run}: " if run else ""
+  what = (f"{prefix}the {plan.unit} level's delta_total after {rounds} rounds is "
+          f"{delta_total:.3g}, {ratio:.3g} x the requested privacy.delta = {settings.delta:g} "
+          f"(epsilon {epsilon:.4g}; truncated Poisson sampling adds (1 + e^epsilon) x "
+          "P[overflow] to delta)")
+  if ratio > DELTA_REFUSE_FACTOR and not settings.allow_delta_overflow:
+    # Only user-level Poisson cohorts have the exact truncated analysis (PLD).
+    pld = (", set privacy.accountant = pld (accounts truncated Poisson cohorts with no delta "
+           "term)" if plan.unit == "user" and plan.sampling == "poisson"
+           and settings.accountant == "rdp" else "")
+    raise ValueError(f"refusing to train: {what}; lower the rounds or epsilon{pld}, or set "
+                     "privacy.allow_delta_overflow = true to accept this delta")
+  _log.warning("WARNING: %s; the run claims (%.4g, %.3g)-DP, not (%.4g, %g)-DP",
+               what, epsilon, delta_total, epsilon, settings.delta)

@@ -62,8 +62,11 @@ class PrivacyPlan(NamedTuple):
     sampling: the participation's name ("full", "fixed", "poisson",
       "shuffled_epochs"; "poisson" at the example level).
     sampling_rate: q of the accounted sampling (worst client at example level).
-    event_at: round index -> the DpEvent of that round.
-    overflow_probability_per_round: bound charged to delta per round.
+    event_at: round index -> the DpEvent of that round, for the accountant
+      the plan was built for (`user_plan`).
+    overflow_probability_per_round: bound on P[truncation] charged to delta
+      per round; 0 where `event_at` accounts the truncation itself
+      (truncated Poisson cohorts under "pld").
     neighbouring: the neighbouring relation in words.
     description: the mechanism, in one line.
   """
@@ -83,12 +86,21 @@ class PrivacyPlan(NamedTuple):
     return self.event_at(0)
 
 
-def user_plan(aggregator: Aggregator, participation: Participation) -> PrivacyPlan | None:
+def user_plan(aggregator: Aggregator, participation: Participation, accountant: str = "rdp"
+              ) -> PrivacyPlan | None:
   """The user level of a run: the aggregator's own `RoundPrivacy`, wrapped by the participation.
 
   Args:
     aggregator: the aggregator that runs; None privacy means no guarantee.
     participation: how clients take part.
+    accountant: the accountant that will compute epsilon ("rdp" or "pld";
+      `assemble` and `build` pass the run's `RunSettings.accountant`). It
+      picks how truncated Poisson cohorts are accounted
+      (`participation.Poisson`): "pld" composes the truncated event and
+      charges nothing to delta; "rdp" composes the Poisson event and charges
+      the overflow to delta. A plan built for "rdp" is valid under either
+      accountant (looser under "pld"); one built for "pld" is refused by
+      the RDP accountant.
 
   Returns:
     The plan, or None when the aggregator makes no privacy statement.
@@ -100,11 +112,12 @@ def user_plan(aggregator: Aggregator, participation: Participation) -> PrivacyPl
   privacy = aggregator.privacy
   if privacy is None:
     return None
-  participation.round_event(privacy, 0)  # Refuses an unaccountable pairing now.
+  participation.round_event(privacy, 0, accountant)  # Refuses an unaccountable pairing now.
   return PrivacyPlan("user", None, None, participation.name,
                      float(participation.sampling_rate),
-                     functools.partial(participation.round_event, privacy),
-                     float(participation.overflow_probability_per_round),
+                     functools.partial(participation.round_event, privacy,
+                                       accountant=accountant),
+                     float(participation.charged_overflow_probability(privacy, accountant)),
                      participation_lib.neighbouring(participation, privacy),
                      privacy.description)
 
@@ -117,6 +130,12 @@ def example_plan(example_dp: ExampleDP, client_sizes: np.ndarray, batching: Batc
   client, largest q) as if its client trained every round; this is exact when
   every client takes part in every round and an upper bound otherwise (no
   amplification by cohort sampling is claimed).
+
+  Truncated batches are charged to delta under either accountant: the
+  truncated-Poisson event (`participation.Poisson.truncation_event`) is for
+  one dataset size and rate, but clients differ in both (q_i = b / n_i,
+  one shared capacity), and no client is shown to be the worst case of
+  that event, as the smallest one is for the untruncated event.
   """
   smallest = int(np.min(client_sizes))
   step = example_dp.step_event(smallest)
@@ -288,7 +307,7 @@ def assemble(model: Model, train: FederatedDataset | ClientSource, test: tuple[n
   if round_wrapper is not None:
     round_fn = round_fn.wrap(round_wrapper)
   levels = []
-  user = user_plan(aggregator, participation)
+  user = user_plan(aggregator, participation, settings.accountant)
   if user is not None:
     # Refuses now, not mid-run, a run longer than a whole-run mechanism (MF) covers.
     user.event_at(settings.rounds - 1)
@@ -388,7 +407,7 @@ def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
 def _user_level(config: Config, participation: Participation, sigma: float) -> PrivacyPlan:
   clip_norm = config.privacy.clip_norm
   aggregator = dp_mean(clip_norm, sigma, participation.expected_cohort_size)
-  return user_plan(aggregator, participation)._replace(clip_norm=clip_norm,
+  return user_plan(aggregator, participation, config.privacy.accountant)._replace(clip_norm=clip_norm,
                                                        noise_multiplier=float(sigma))
 
 

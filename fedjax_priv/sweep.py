@@ -9,7 +9,10 @@ or structure (cohort size, model, local steps, ...): its values are swept by
 an outer Python loop, one compile per value, and the result says which keys
 went which way. Each run keeps its own accounting: its epsilon is computed on
 the host from the events its own noise multiplier and sampling produce,
-exactly as `runner.run` would report for the same config.
+exactly as `runner.run` would report for the same config, and the runner's
+planned-δ rule (`budget.check_delta_total`: warn above 1.1·δ, refuse above
+10·δ unless privacy.allow_delta_overflow) is applied to every run before
+anything compiles.
 
 `sweep_experiment(make_experiment, grid)` does the same for the open API:
 any `Experiment` that `assemble` builds from numbers (a noise multiplier, a
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_priv import budget
 from fedjax_priv import checkpoint as ckpt
 from fedjax_priv import config as config_lib
 from fedjax_priv import plots
@@ -140,6 +144,27 @@ def _privacy_columns(levels, settings, known: dict) -> tuple[dict[str, Any], lis
   return columns, curve
 
 
+def _check_planned_delta(levels, settings, known: dict, run: str) -> None:
+  """The runner's planned-δ rule (`budget.check_delta_total`) for one run of a sweep.
+
+  Sweeps train every round (no budget stop), so the plan is settings.rounds
+  rounds; the (ε, δ_total) is the one the run's row reports (`known` caches
+  it, so nothing is composed twice).
+
+  Raises:
+    ValueError: a level's δ_total exceeds 10·δ without privacy.allow_delta_overflow,
+      naming `run`.
+  """
+  evaluated = evaluation_rounds(settings.rounds, settings.eval_every)
+  for plan in levels:
+    epsilon, delta_total = _epsilon_curve(plan, settings, evaluated, known)[-1]
+    budget.check_delta_total(plan, epsilon, delta_total, settings.rounds, settings, run)
+
+
+def _run_name(values: dict[str, Any]) -> str:
+  return "the sweep run " + ", ".join(f"{key}={value}" for key, value in values.items())
+
+
 class _Runs(NamedTuple):
   """The runs of one program: hyper-parameters ([G] leaves), seeds and cohorts of each."""
   hp: Any
@@ -190,6 +215,9 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
 
   Raises:
     ConfigError: a key or value is invalid (named), before anything compiles.
+    ValueError: a run's planned delta_total exceeds 10 x privacy.delta
+      (`budget.check_delta_total`; naming the run's grid values), before
+      anything compiles.
   """
   if not grid:
     raise ConfigError("a sweep needs at least one --grid key")
@@ -208,12 +236,14 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
   configs = {i: [_with(config, {**o, **t}) for t in traced_points]
              for i, o in enumerate(outer_points)}
 
-  rows, curves, compile_s, wall_s, known_epsilons = [], [], 0.0, 0.0, {}
+  # Every run is built and accounted, and the planned-delta rule applied to
+  # it, before the first program compiles.
+  prepared, known_epsilons = [], {}
   for i, outer_values in enumerate(outer_points):
     base = _with(config, outer_values)
     exp = build(base)
     points, seeds, indices, masks, privacy, epsilons = [], [], [], [], [], []
-    for run_config in configs[i]:
+    for traced_values, run_config in zip(traced_points, configs[i]):
       levels = privacy_levels(run_config, exp.train, exp.participation, exp.batching)
       points.append(hyperparameters(run_config, levels))
       seeds.append(run_config.simulation.seed)
@@ -221,9 +251,16 @@ def sweep(config: Config, grid: dict[str, Sequence[Any]],
           exp.participation.sampler(run_config.simulation.seed), run_config.simulation.rounds)
       indices.append(cohort_indices)
       masks.append(cohort_masks)
-      columns, curve = _privacy_columns(levels, settings_of(run_config), known_epsilons)
+      settings = settings_of(run_config)
+      columns, curve = _privacy_columns(levels, settings, known_epsilons)
+      _check_planned_delta(levels, settings, known_epsilons,
+                           _run_name({**outer_values, **traced_values}))
       privacy.append(columns)
       epsilons.append(curve)
+    prepared.append((outer_values, base, exp, points, seeds, indices, masks, privacy, epsilons))
+
+  rows, curves, compile_s, wall_s = [], [], 0.0, 0.0
+  for outer_values, base, exp, points, seeds, indices, masks, privacy, epsilons in prepared:
     training = functools.partial(make_training, base, exp.model, exp.participation)
     runs = _Runs(_stack(points), jnp.asarray(seeds, jnp.int32), np.stack(indices),
                  np.stack(masks))
@@ -260,8 +297,11 @@ def sweep_experiment(make_experiment: Callable[..., Experiment],
     and delta_total at settings.delta, test accuracy and loss, mean train loss).
 
   Raises:
-    ValueError: an empty grid, or points whose experiments differ in
-      rounds or eval_every (each program trains and evaluates one schedule).
+    ValueError: an empty grid, points whose experiments differ in rounds
+      or eval_every (each program trains and evaluates one schedule), or a
+      point whose planned delta_total exceeds 10 x its settings.delta
+      (`budget.check_delta_total`, naming the point), before anything
+      compiles.
   """
   if not grid or any(len(values) == 0 for values in grid.values()):
     raise ValueError(f"grid needs at least one name with at least one value, got {grid!r}")
@@ -275,6 +315,8 @@ def sweep_experiment(make_experiment: Callable[..., Experiment],
                      f"(rounds, eval_every) {sorted(schedules)}")
   known: dict = {}
   privacy, epsilons = zip(*(_privacy_columns(exp.levels, exp.settings, known) for exp in exps))
+  for point, exp in zip(points, exps):
+    _check_planned_delta(exp.levels, exp.settings, known, _run_name(point))
   cohorts = [_cohorts(exp.sampler, exp.settings.rounds) for exp in exps]
   runs = _Runs({name: jnp.asarray([p[name] for p in points], jnp.float32) for name in names},
                jnp.asarray([exp.settings.seed for exp in exps], jnp.int32),

@@ -7,6 +7,7 @@ parameters and the participation's sampling; and building the mechanism with
 another sigma, changing nothing else, must change that epsilon.
 """
 
+import json
 import math
 
 import dp_accounting
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from scipy import stats
 
 from fedjax_priv import Full, FixedSize, Poisson, RunSettings, ShuffledEpochs, assemble
 from fedjax_priv import run_experiment
@@ -125,6 +128,39 @@ def test_dp_sgd_inside_clients_reports_its_per_step_event(tmp_path):
     assert privacy["epsilon"] == pytest.approx(_epsilon(step, 2 * ROUNDS), rel=1e-9)
     reported.append(privacy["epsilon"])
   assert reported[1] < reported[0]
+
+
+def test_truncated_poisson_cohorts_under_pld_report_the_truncated_event_and_delta(tmp_path):
+  """A capacity of 6 for cohorts of 4 expected out of 12 truncates often. Under PLD the run
+  reports dp_accounting's truncated event, its epsilon, and delta_total = delta; under RDP the
+  Poisson event with the overflow charged to delta, as before."""
+  capacity = 6
+  exp = assemble(MODEL, TRAIN, (X_TEST, Y_TEST), dp_mean(CLIP, 1.5, M), Poisson(N, M, capacity),
+                 RunSettings(rounds=ROUNDS, eval_every=2, delta=DELTA, accountant="pld"),
+                 client_optimizer=optax.sgd(0.1), local_steps=2, batch_size=8)
+  summary = run_experiment(exp, tmp_path / "pld", progress=False)
+  privacy = summary["privacy"]
+  event = dp_accounting.TruncatedSubsampledGaussianDpEvent(
+      dataset_size=N + 1, sampling_probability=M / N, truncated_batch_size=capacity,
+      noise_multiplier=1.5)
+  assert privacy["accountant"] == "pld"
+  assert privacy["dp_event"] == repr(dp_accounting.ComposedDpEvent(
+      [dp_accounting.SelfComposedDpEvent(event, ROUNDS)]))
+  assert privacy["delta_total"] == DELTA
+  reference = pld_privacy_accountant.PLDAccountant(
+      value_discretization_interval=accounting.DEFAULT_PLD_DISCRETIZATION)
+  reference.compose(event, ROUNDS)
+  assert privacy["epsilon"] == pytest.approx(reference.get_epsilon(DELTA), rel=1e-6)
+  metrics = (tmp_path / "pld" / "metrics.jsonl").read_text().splitlines()
+  lines = [json.loads(line) for line in metrics]
+  assert [line["delta_total"] for line in lines] == [DELTA] * (ROUNDS // 2)
+  # The RDP path is unchanged: the ideal Poisson event, the overflow charged to delta.
+  rdp = assemble(MODEL, TRAIN, (X_TEST, Y_TEST), dp_mean(CLIP, 1.5, M), Poisson(N, M, capacity),
+                 RunSettings(rounds=ROUNDS, delta=DELTA, accountant="rdp",
+                             allow_delta_overflow=True))
+  assert rdp.privacy.round_event == _poisson_gaussian(1.5)
+  assert rdp.privacy.overflow_probability_per_round == pytest.approx(
+      stats.binom.sf(capacity, N + 1, M / N))
 
 
 @pytest.mark.parametrize("aggregator", [weighted_mean(), secure_sum(20, 2.0**10, M, CLIP)],

@@ -45,11 +45,16 @@ def _lines(path):
 
 
 def test_the_epsilon_is_the_chains(example):
+  """Under PLD, the chain's Gaussian on Poisson cohorts of q = 0.2 truncated to the capacity
+  (52 for 101 clients, the larger add/remove neighbour), with nothing charged to delta."""
   _, ns = example
-  event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-      0.2, dp_accounting.GaussianDpEvent(1.0)), 40)
-  assert ns["summary"]["privacy"]["epsilon"] == pytest.approx(
-      accounting.compute_epsilon(event, 1e-5), rel=1e-9)
+  event = dp_accounting.SelfComposedDpEvent(dp_accounting.TruncatedSubsampledGaussianDpEvent(
+      101, 0.2, 52, 1.0), 40)
+  assert ns["cohorts"].sampler(0).capacity == 52
+  privacy = ns["summary"]["privacy"]
+  assert privacy["epsilon"] == pytest.approx(
+      accounting.compute_epsilon(event, 1e-5, "pld"), rel=1e-9)
+  assert privacy["delta_total"] == privacy["delta"] == 1e-5
   assert ns["summary"]["test_accuracy"] > 0.5
   # SecAgg adds no noise: no epsilon is claimed for it.
   assert ns["masked"]["privacy"]["unit"] == "none"

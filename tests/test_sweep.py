@@ -6,12 +6,13 @@ Tiny runs: logistic regression, 8 clients, cohorts of 4, 4 rounds.
 import dataclasses
 import json
 
+import dp_accounting
 import numpy as np
 import pytest
 
 from fedjax_priv import cli
 from fedjax_priv import config as config_lib
-from fedjax_priv import runner, sweep
+from fedjax_priv import experiment, runner, sweep
 from fedjax_priv.privacy import accounting
 
 BASE = [
@@ -158,3 +159,63 @@ def test_example_level_noise_is_traced_too():
   eps = {row["privacy.noise_multiplier"]: row["epsilon"] for row in result.rows}
   assert eps[0.8] > eps[3.0]
   assert len({row["test_loss"] for row in result.rows}) == 4
+
+
+# Issue 14: 100 clients, Poisson cohorts of 20 expected (default capacity 52), sigma = 0.5.
+# Under RDP the truncation is charged to delta: after 10 rounds delta_total is ~460 x delta.
+POISSON_100 = ["data.num_clients=100", "simulation.cohort_size=20", "simulation.sampling=poisson",
+               "simulation.rounds=10", "simulation.eval_every=10", "client.local_steps=1"]
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError("a refused sweep must not build or compile a program")
+
+
+def test_poisson_sweep_at_sigma_half_keeps_delta_or_is_refused_saying_why(monkeypatch):
+  """PLD accounts the truncated cohorts exactly (delta_total = delta); RDP charges the
+  overflow to delta, and a delta_total above 10 x delta is refused before anything compiles,
+  naming the run, unless privacy.allow_delta_overflow."""
+  grid = {"privacy.noise_multiplier": [0.5]}
+  pld = sweep.sweep(_config(*POISSON_100, "privacy.accountant=pld"), grid)
+  row = pld.rows[0]
+  assert row["delta_total"] == row["delta"] == 1e-5
+  assert all(point["delta_total"] == 1e-5 for point in pld.curves[0])
+  config = _config(*POISSON_100, "privacy.accountant=pld", "privacy.noise_multiplier=0.5")
+  plan = experiment.build(config).privacy
+  event = plan.event_at(0)
+  assert type(event).__name__ == "TruncatedSubsampledGaussianDpEvent"
+  assert row["epsilon"] == pytest.approx(accounting.compute_epsilon(
+      dp_accounting.SelfComposedDpEvent(event, 10), 1e-5, "pld"), rel=1e-9)
+
+  monkeypatch.setattr(sweep, "_train", _no_training)
+  rdp = _config(*POISSON_100, "privacy.accountant=rdp")
+  with pytest.raises(ValueError) as info:
+    sweep.sweep(rdp, {"privacy.noise_multiplier": [2.0, 0.5]})
+  message = str(info.value)
+  for words in ("privacy.noise_multiplier=0.5", "delta_total", "truncated Poisson",
+                "privacy.accountant = pld", "allow_delta_overflow"):
+    assert words in message
+  assert "privacy.noise_multiplier=2.0" not in message and "\n" not in message
+
+
+def test_open_api_sweep_applies_the_same_delta_rule(monkeypatch):
+  from fedjax_priv import Poisson, RunSettings, assemble
+  from fedjax_priv.data import federated_digits
+  from fedjax_priv.models import logistic_regression
+  from fedjax_priv.privacy.aggregation import dp_mean
+  train, x_test, y_test = federated_digits(num_clients=100, partition="iid", seed=0)
+  model = logistic_regression(train.feature_shape, 10)
+
+  def make(accountant, allow=False):
+    return lambda sigma: assemble(
+        model, train, (x_test, y_test), dp_mean(1.0, sigma, 20), Poisson(100, 20),
+        RunSettings(rounds=10, eval_every=10, accountant=accountant, allow_delta_overflow=allow),
+        local_steps=1, batch_size=8)
+
+  monkeypatch.setattr(sweep, "_train", _no_training)
+  with pytest.raises(ValueError, match=r"the sweep run sigma=0\.5: the user level's delta_total"):
+    sweep.sweep_experiment(make("rdp"), {"sigma": [0.5]})
+  # Opted in, or accounted by PLD, the sweep goes on to training (stubbed here).
+  for accountant, allow in (("rdp", True), ("pld", False)):
+    with pytest.raises(AssertionError, match="must not build"):
+      sweep.sweep_experiment(make(accountant, allow), {"sigma": [0.5]})

@@ -259,6 +259,11 @@ def _composed_accountant(
         "rdp", relation, None, value_discretization_interval
     ).supports(event):
       hint = ' Use accountant="rdp", which supports it.'
+    if isinstance(bad, dp_event.TruncatedSubsampledGaussianDpEvent):
+      # Only the PLD accountant has the truncated-Poisson analysis; under RDP
+      # the plan must be built for RDP (ideal Poisson event + δ overflow term).
+      hint = (' Use accountant="pld", or build the plan for "rdp" (Poisson-sampled event '
+              "with the overflow charged to delta).")
     raise ValueError(
         f"accountant={accountant!r} cannot account for "
         f"{type(bad).__name__} under the {relation.name} relation "

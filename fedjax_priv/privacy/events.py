@@ -327,6 +327,10 @@ def relations_used(event: dp_event.DpEvent) -> set[NeighboringRelation]:
       event, (dp_event.PoissonSampledDpEvent, dp_event.GaussianDpEvent)
   ):
     return {NeighboringRelation.ADD_OR_REMOVE_ONE}
+  if isinstance(event, dp_event.TruncatedSubsampledGaussianDpEvent):
+    # Poisson sampling truncated to a capacity (`simulation.participation.Poisson`
+    # under the PLD accountant): stated for add/remove, like its untruncated form.
+    return {NeighboringRelation.ADD_OR_REMOVE_ONE}
   if isinstance(event, dp_event.SelfComposedDpEvent):
     return relations_used(event.event)
   if isinstance(event, dp_event.ComposedDpEvent):
@@ -341,9 +345,9 @@ def relation_of(event: dp_event.DpEvent) -> NeighboringRelation:
     raise ValueError(
         f"event mixes neighbouring relations {names} (SampledWithoutReplacement"
         "DpEvent: replace-one; SingleEpochTreeAggregationDpEvent: replace-"
-        "special; PoissonSampledDpEvent or unsampled GaussianDpEvent: add/"
-        "remove); no single neighbouring relation makes all noise multipliers "
-        f"correct, so no ε is reported. Got event={event}."
+        "special; PoissonSampledDpEvent, TruncatedSubsampledGaussianDpEvent or "
+        "unsampled GaussianDpEvent: add/remove); no single neighbouring relation "
+        f"makes all noise multipliers correct, so no ε is reported. Got event={event}."
     )
   return relations.pop() if relations else NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -366,6 +370,14 @@ def event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
         "type": "PoissonSampledDpEvent",
         "sampling_probability": float(event.sampling_probability),
         "event": event_to_json(event.event),
+    }
+  if isinstance(event, dp_event.TruncatedSubsampledGaussianDpEvent):
+    return {
+        "type": "TruncatedSubsampledGaussianDpEvent",
+        "dataset_size": int(event.dataset_size),
+        "sampling_probability": float(event.sampling_probability),
+        "truncated_batch_size": int(event.truncated_batch_size),
+        "noise_multiplier": float(event.noise_multiplier),
     }
   if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
     return {
@@ -403,7 +415,7 @@ def event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
     }
   raise ValueError(
       f"cannot serialise event of type {type(event).__name__}: only NoOp, "
-      "Gaussian, PoissonSampled, SampledWithoutReplacement, "
+      "Gaussian, PoissonSampled, TruncatedSubsampledGaussian, SampledWithoutReplacement, "
       "SingleEpochTreeAggregation, RdpCurve, SelfComposed and Composed DpEvents are "
       "supported."
   )
@@ -424,6 +436,13 @@ def event_from_json(data: Any) -> dp_event.DpEvent:
     if kind == "PoissonSampledDpEvent":
       return dp_accounting.PoissonSampledDpEvent(
           float(data["sampling_probability"]), event_from_json(data["event"])
+      )
+    if kind == "TruncatedSubsampledGaussianDpEvent":
+      return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+          int(data["dataset_size"]),
+          float(data["sampling_probability"]),
+          int(data["truncated_batch_size"]),
+          float(data["noise_multiplier"]),
       )
     if kind == "SampledWithoutReplacementDpEvent":
       return dp_accounting.SampledWithoutReplacementDpEvent(

@@ -24,7 +24,9 @@ class PrivacyLedger:
   Consecutive identical per-round events are stored as one run, so `event`
   stays short and accounting cost grows with the number of distinct runs, not
   rounds. Overflow probabilities of truncated Poisson cohorts are summed and
-  charged as in `overflow_delta`.
+  charged as in `overflow_delta`; a round whose event accounts the
+  truncation itself (`TruncatedSubsampledGaussianDpEvent`, PLD only) is
+  recorded with overflow probability 0.
 
   Example::
 

@@ -706,7 +706,7 @@ def _rescaled(event: dp_accounting.DpEvent, ratio: float) -> dp_accounting.DpEve
   if isinstance(event, dp_accounting.GaussianDpEvent):
     return dp_accounting.GaussianDpEvent(event.noise_multiplier * ratio)
   if isinstance(event, dp_accounting.LaplaceDpEvent):
-    return dp_accounting.LaplaceDpEvent(event.parameter * ratio)
+    return dp_accounting.LaplaceDpEvent(event.noise_multiplier * ratio)
   if isinstance(event, dp_accounting.ComposedDpEvent):
     return dp_accounting.ComposedDpEvent([_rescaled(e, ratio) for e in event.events])
   return event

@@ -2,7 +2,11 @@
 
 The engine needs static shapes, so a Poisson cohort (or batch) larger than
 its compiled capacity is truncated; `overflow_delta` charges the difference
-to δ.
+to δ. This holds for any mechanism and accountant, but (1 + e^ε) makes it
+useless at large ε. For a Gaussian mechanism on a sum, the PLD accountant
+accounts the truncated sampler exactly instead, with no δ term
+(`dp_accounting.TruncatedSubsampledGaussianDpEvent`, arXiv:2508.15089;
+chosen by `simulation.participation.Poisson.truncation_event`).
 """
 
 from __future__ import annotations

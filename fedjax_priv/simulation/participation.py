@@ -10,7 +10,7 @@ round of the run, with the neighbouring relation it holds under:
 | --- | --- | --- | --- |
 | `Full(N)` | every client every round | add/remove (else zero-out) | the mechanism's event |
 | `FixedSize(N, K)` | K of N without replacement | replace one user | `SampledWithoutReplacement(N, K, event)` |
-| `Poisson(N, m)` | each client with q = m / N | add/remove (else zero-out) | `PoissonSampled(q, event)` |
+| `Poisson(N, m)` | each client with q = m / N, truncated to a capacity | add/remove (else zero-out) | `PoissonSampled(q, event)`; `TruncatedSubsampledGaussian` under PLD |
 | `ShuffledEpochs(N, K)` | each epoch a permutation cut into N // K cohorts of K | zero-out | the event once per epoch |
 | `Cyclic(N, K)` | a fixed partition into N // K groups of K, in turn | zero-out | a whole-run (MF) event once; else once per cycle of N // K rounds |
 
@@ -22,6 +22,15 @@ matrix-factorization mechanism's event covers the whole run and needs each
 user in at most k rounds, any two at least b apart (`RoundPrivacy.participation`),
 which only `Cyclic` guarantees.
 
+The accountant ("rdp" or "pld", `RunSettings.accountant`) reaches the
+participation as an argument of `round_event` and
+`charged_overflow_probability`, passed by whoever builds the plan
+(`experiment.user_plan`) from the one setting that also computes epsilon.
+It matters only for `Poisson`: its static capacity truncates rare large
+cohorts, which under "rdp" is charged to delta (`privacy.truncation`) and
+under "pld" is accounted exactly by dp_accounting's
+`TruncatedSubsampledGaussianDpEvent` with nothing charged to delta.
+
 References:
   Mironov, Talwar & Zhang 2019 (Poisson-sampled Gaussian). Wang, Balle &
   Kasiviswanathan 2019 (sampling without replacement, replace-one). Kairouz
@@ -29,12 +38,18 @@ References:
   Shuffling" (DP-FTRL with one participation per epoch). Choquette-Choo,
   McMahan, Rush & Thakurta 2023, "Multi-Epoch Matrix Factorization
   Mechanisms for Private Machine Learning" ((k, b)-participation, cyclic).
+  Chua, Ghazi, Kamath, Kumar, Manurangsi, Sinha & Zhang 2024, "Scalable
+  DP-SGD: Shuffling vs. Poisson Subsampling" (truncation charged to delta);
+  "Tighter Privacy Analysis for Truncated Poisson Sampling",
+  arXiv:2508.15089 (the truncated event, as dp_accounting cites it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 import warnings
 
 import dp_accounting
@@ -43,6 +58,8 @@ from fedjax_priv.checks import check_int, check_positive
 from fedjax_priv.data.sampling import (CyclicSampler, FixedSizeSampler, PoissonSampler,
                                        ShuffledEpochSampler, poisson_overflow_probability)
 from fedjax_priv.privacy.aggregation import ADD_OR_REMOVE, REPLACE_ONE, ZERO_OUT, RoundPrivacy
+
+ACCOUNTANTS = ("rdp", "pld")
 
 RELATION_WORDS = {ADD_OR_REMOVE: "add/remove one user's whole dataset",
                   REPLACE_ONE: "replace one user's whole dataset",
@@ -75,8 +92,25 @@ def _one_round_events(privacy: RoundPrivacy, scheme: str) -> None:
                      f"{privacy.rounds_per_event} rounds")
 
 
+def _check_accountant(accountant: str) -> None:
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+
+
+class _NeverTruncated:
+  """Cohorts of a fixed size: nothing is ever truncated, nothing charged to delta."""
+  overflow_probability_per_round = 0.0
+
+  def charged_overflow_probability(self, privacy: RoundPrivacy, accountant: str = "rdp"
+                                   ) -> float:
+    """0: the cohorts never exceed their capacity (see `Poisson`)."""
+    del privacy
+    _check_accountant(accountant)
+    return 0.0
+
+
 @dataclasses.dataclass(frozen=True)
-class Full:
+class Full(_NeverTruncated):
   """Every client in every round (cross-silo)."""
   num_clients: int
   name = "full"
@@ -98,16 +132,16 @@ class Full:
   def relation(self, privacy: RoundPrivacy):
     return _first_supported(privacy, (ADD_OR_REMOVE, ZERO_OUT, REPLACE_ONE), self.name)
 
-  def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
-    """The DpEvent of round `round_index` (0-based)."""
+  def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
+                  ) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index` (0-based); the same under either accountant."""
     del round_index
+    _check_accountant(accountant)
     _one_round_events(privacy, self.name)
     return privacy.event(self.relation(privacy))
 
-  overflow_probability_per_round = 0.0
 
-
-class _ExactCohorts:
+class _ExactCohorts(_NeverTruncated):
   """expected_cohort_size and sampling_rate of participation with exactly cohort_size clients."""
   num_clients: int
   cohort_size: int
@@ -156,8 +190,15 @@ class FixedSize(_ExactCohorts):
       return _first_supported(privacy, (ADD_OR_REMOVE, ZERO_OUT), self.name)
     return _first_supported(privacy, (REPLACE_ONE,), self.name)
 
-  def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
+  def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
+                  ) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index`; the same under either accountant.
+
+    Never a truncated-Poisson event, even accounted as Poisson: nothing is
+    truncated, and that event's analysis is for Poisson sampling only.
+    """
     del round_index
+    _check_accountant(accountant)
     _one_round_events(privacy, self.name)
     event = privacy.event(self.relation(privacy))
     if not privacy.amplified_by_sampling or self.cohort_size == self.num_clients:
@@ -167,16 +208,24 @@ class FixedSize(_ExactCohorts):
     return dp_accounting.SampledWithoutReplacementDpEvent(self.num_clients, self.cohort_size,
                                                           event)
 
-  overflow_probability_per_round = 0.0
-
 
 @dataclasses.dataclass(frozen=True)
 class Poisson:
   """Each client joins each round independently with probability q = m / N.
 
   The cohort has a static capacity (default: overflow probability 1e-12 for
-  the neighbour with one more client); the rare overflow is truncated and
-  charged to delta (`privacy.truncation`).
+  the neighbour with one more client); a larger cohort is truncated to a
+  uniformly random subset of `capacity` of its clients (`PoissonSampler`).
+  How that is accounted depends on the accountant:
+
+  - "pld", for a Gaussian mechanism on a sum of per-user contributions
+    (`truncation_event` says when): the round is
+    `TruncatedSubsampledGaussianDpEvent(N + 1, q, capacity, sigma)`, the exact
+    analysis of this sampler (arXiv:2508.15089), and nothing is charged to
+    delta.
+  - otherwise (RDP, which cannot process that event, or another mechanism):
+    `PoissonSampled(q, event)` of the untruncated sampler, and the overflow
+    probability is charged to delta (`privacy.truncation.overflow_delta`).
   """
   num_clients: int
   expected_cohort_size: float
@@ -203,6 +252,7 @@ class Poisson:
 
   @property
   def overflow_probability_per_round(self) -> float:
+    """P[Binomial(N + 1, q) > capacity]: the overflow bound for both datasets of a pair."""
     # Under add/remove the neighbour may hold one more client.
     return float(poisson_overflow_probability(self.num_clients + 1, self.sampling_rate,
                                               self._capacity))
@@ -212,13 +262,87 @@ class Poisson:
       return _first_supported(privacy, (REPLACE_ONE, ADD_OR_REMOVE, ZERO_OUT), self.name)
     return _first_supported(privacy, (ADD_OR_REMOVE, ZERO_OUT), self.name)
 
-  def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
-    del round_index
+  def truncation_event(self, privacy: RoundPrivacy, accountant: str
+                       ) -> dp_accounting.TruncatedSubsampledGaussianDpEvent | None:
+    """The round as truncated Poisson sampling of a Gaussian sum, or None where that does not apply.
+
+    dp_accounting's event (Poisson sample of a dataset of `dataset_size`,
+    truncate to a uniformly random subset of `truncated_batch_size`, add
+    N(0, sigma^2) to the sum of the kept records, each of norm <= 1) is
+    accounted under add/remove one record, and when truncation lets the
+    added record push another out of the cohort it analyses that as
+    replacing one record, with multiplier sigma / 2 (sensitivity 2). So it
+    is used only when all of these hold:
+
+    - the accountant is "pld" (the RDP accountant cannot process it);
+    - the mechanism is central (amplified by sampling) and one round per
+      event;
+    - the capacity can truncate (capacity < N + 1; else the Poisson event
+      is already exact);
+    - the mechanism is stated under add/remove as exactly
+      `GaussianDpEvent(sigma)` with a finite sigma > 0, and under replace-one
+      as a `GaussianDpEvent` of multiplier >= sigma / 2: the Gaussian
+      mechanism on a sum of contributions clipped to C, noise std sigma C
+      (`gaussian_sum_privacy`, a central-noise chain). Laplace, composed or
+      RDP-curve events keep the charged-delta accounting.
+
+    `dataset_size` is N + 1: the pair (N + 1 clients, N clients) is the
+    larger of the two add/remove pairs of an N-client population, and the
+    event's epsilon grows with dataset_size (tested), so it bounds both.
+
+    Args:
+      privacy: the mechanism's statement of one round.
+      accountant: "rdp" or "pld".
+
+    Returns:
+      The event, or None.
+    """
+    _check_accountant(accountant)
     _one_round_events(privacy, self.name)
+    if (accountant != "pld" or not privacy.amplified_by_sampling
+        or self._capacity >= self.num_clients + 1
+        or self.relation(privacy) != ADD_OR_REMOVE or REPLACE_ONE not in privacy.relations):
+      return None
+    add_remove = privacy.event(ADD_OR_REMOVE)
+    # Exact types: a subclass or another event may not be a Gaussian sum.
+    # A traced sigma (the program a sweep vmaps) is accounted from the host's
+    # build of each point, never from this one.
+    if (type(add_remove) is not dp_accounting.GaussianDpEvent
+        or not isinstance(add_remove.noise_multiplier, numbers.Real)):
+      return None
+    sigma = float(add_remove.noise_multiplier)
+    replace = privacy.event(REPLACE_ONE)
+    if not (math.isfinite(sigma) and sigma > 0
+            and type(replace) is dp_accounting.GaussianDpEvent
+            and isinstance(replace.noise_multiplier, numbers.Real)
+            and replace.noise_multiplier >= sigma / 2):
+      return None
+    return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=self.num_clients + 1, sampling_probability=self.sampling_rate,
+        truncated_batch_size=self._capacity, noise_multiplier=sigma)
+
+  def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
+                  ) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index` under `accountant` (see the class docstring)."""
+    del round_index
+    truncated = self.truncation_event(privacy, accountant)
+    if truncated is not None:
+      return truncated
     event = privacy.event(self.relation(privacy))
     if not privacy.amplified_by_sampling or self.sampling_rate == 1:
       return event
     return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, event)
+
+  def charged_overflow_probability(self, privacy: RoundPrivacy, accountant: str = "rdp"
+                                   ) -> float:
+    """The per-round overflow probability charged to delta with `round_event`'s event.
+
+    0 where the event accounts the truncation itself (`truncation_event`);
+    else `overflow_probability_per_round`.
+    """
+    if self.truncation_event(privacy, accountant) is not None:
+      return 0.0
+    return self.overflow_probability_per_round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +371,10 @@ class ShuffledEpochs(_ExactCohorts):
   def relation(self, privacy: RoundPrivacy):
     return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
 
-  def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
+  def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
+                  ) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index`; the same under either accountant."""
+    _check_accountant(accountant)
     _no_participation_pattern(privacy, self.name)
     if privacy.rounds_per_event not in (1, self.rounds_per_epoch):
       raise ValueError(f"{privacy.description or 'the mechanism'} accounts "
@@ -257,8 +384,6 @@ class ShuffledEpochs(_ExactCohorts):
     if round_index % self.rounds_per_epoch:
       return dp_accounting.NoOpDpEvent()
     return privacy.event(self.relation(privacy))
-
-  overflow_probability_per_round = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,8 +425,9 @@ class Cyclic(_ExactCohorts):
   def relation(self, privacy: RoundPrivacy):
     return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
 
-  def round_event(self, privacy: RoundPrivacy, round_index: int) -> dp_accounting.DpEvent:
-    """The DpEvent of round `round_index` (0-based).
+  def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
+                  ) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index` (0-based); the same under either accountant.
 
     Raises:
       ValueError: a multi-round mechanism without a (k, b) requirement, a
@@ -309,6 +435,7 @@ class Cyclic(_ExactCohorts):
         both), or a round past the mechanism's run.
     """
     round_index = check_int("round_index", round_index, 0)
+    _check_accountant(accountant)
     rounds = privacy.rounds_per_event
     description = privacy.description or "the mechanism"
     if privacy.participation is None:
@@ -333,8 +460,6 @@ class Cyclic(_ExactCohorts):
                        "mechanism for the run's length")
     event = privacy.event(self.relation(privacy))
     return event if round_index == 0 else dp_accounting.NoOpDpEvent()
-
-  overflow_probability_per_round = 0.0
 
 
 Participation = Full | FixedSize | Poisson | ShuffledEpochs | Cyclic

@@ -478,3 +478,11 @@ def test_per_layer_clipped_fraction_equals_a_direct_count():
   assert float(metrics["clipped_fraction"]) == pytest.approx(either.mean())
   assert float(metrics["clipped_fraction/Dense_0/bias"]) == pytest.approx(
       (bias_norms > bounds["Dense_0"]["bias"]).mean())
+
+
+def test_laplace_chain_is_restated_under_every_relation():
+  """Replace-one doubles the L1 sensitivity, so the Laplace multiplier halves (as for Gaussian)."""
+  privacy = T.as_aggregator(T.chain(T.clip_l1(1.0), T.sum_units(), T.laplace(2.0),
+                                    T.mean(4.0))).privacy
+  assert privacy.event(T.NeighboringRelation.ADD_OR_REMOVE_ONE) == dp_accounting.LaplaceDpEvent(2.0)
+  assert privacy.event(T.NeighboringRelation.REPLACE_ONE) == dp_accounting.LaplaceDpEvent(1.0)
