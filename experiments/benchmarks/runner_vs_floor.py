@@ -38,7 +38,8 @@ capacity (cnn), trains locally with `lax.scan` over steps and `vmap` over
 clients, masks the loss with the batch mask, zeroes a client whose update is
 not finite (its weight in the sum is 0), clips (w1, emnist: the whole delta;
 cnn: every example's gradient, with materialised per-example gradients,
-`vmap(grad)`, where the runner uses ghost norms), sums the cohort with a dot
+`vmap(grad)`, where the runner uses ghost norms for the dense layers, so
+that floor is not strict), sums the cohort with a dot
 product, adds Gaussian noise (the toolkit's `fast_random.standard_normal`,
 bit-identical to `jax.random.normal` and the fastest sampler here) and
 applies the server step. The w1 floor writes the MLP by hand; the cnn and
