@@ -62,7 +62,7 @@ def round_from_cohort(round_fn: RoundFn, batching: Batching):
 def _pack_scalars(metrics: dict) -> tuple[jax.Array | None, dict]:
   """The float32 scalars of `metrics` as one vector (sorted by name), and the other entries."""
   names = sorted(name for name, value in metrics.items()
-                 if value.shape == () and value.dtype == jnp.float32)
+                 if jnp.ndim(value) == 0 and jnp.result_type(value) == jnp.float32)
   packed = jnp.stack([metrics[name] for name in names]) if names else None
   return packed, {name: value for name, value in metrics.items() if name not in names}
 

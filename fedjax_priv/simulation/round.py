@@ -224,8 +224,8 @@ def _finalize_in_own_kernels(aggregator: Aggregator, state: ServerState, summed,
   The update feeds the server optimizer and the `update_norm` metric. XLA:CPU
   fuses cheap producers into every consumer, so a noisy update was computed
   two to four times a round, its Threefry hash included (one coordinate of
-  noise is ~100 integer operations): a W1 round ran 8-10 % slower than with
-  one consumer (`experiments/benchmarks/runner_vs_floor.py`). A conditional is
+  noise is ~100 integer operations): a W1 round ran about 10 % slower than
+  with one consumer (`experiments/benchmarks/runner_vs_floor.py`). A conditional is
   a boundary XLA:CPU's fusion does not cross and keeps while its predicate is
   not a constant; both branches are `finalize`, so the predicate (the round
   counter, always >= 0) changes nothing but where the outputs are
