@@ -28,9 +28,20 @@ def l1_norm(tree: PyTree) -> jax.Array:
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-  """Scalar bool: True when no leaf holds a NaN or an infinity."""
-  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+  """Scalar bool: True when no leaf holds a NaN or an infinity.
+
+  Written as isfinite(sum(leaf * 0)): x * 0 is 0 for every finite x and NaN
+  for NaN or +-inf (IEEE 754, which XLA keeps: it does not fold x * 0 for
+  floats), and a sum of zeros cannot overflow, so the sum is finite exactly
+  when every element is. One float reduction per leaf, where
+  `all(isfinite(leaf))` took an elementwise pass and a boolean reduction
+  that XLA:CPU split into three kernels per leaf (12 of a W1 round's 91,
+  `experiments/benchmarks/runner_vs_floor.py`).
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]  # Integers are finite.
+  total = sum((jnp.sum(leaf * 0).astype(jnp.float32) for leaf in leaves), jnp.float32(0.0))
+  return jnp.isfinite(total)
 
 
 def scale(tree: PyTree, factor: jax.Array | float) -> PyTree:

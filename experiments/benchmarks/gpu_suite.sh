@@ -8,7 +8,9 @@
 # from the repository root without installing the package (PYTHONPATH=.).
 # Each step is independent: one that fails is reported and the next still runs,
 # so one broken benchmark cannot cost the whole (short) lease.
-# QUICK=1 shrinks every size, to rehearse the script on a CPU.
+# QUICK=1 shrinks every size, to rehearse the script on a CPU; ONLY=PATTERN
+# runs only the steps whose name matches the bash pattern (e.g.
+# ONLY='runner_vs_floor*').
 set -u
 RESULTS=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
@@ -19,15 +21,21 @@ PY=${PYTHON:-python3}
 if [[ "${QUICK:-0}" == 1 ]]; then
   COHORTS=4,8; F32_COHORTS=4; CHUNKS=4; LOOP_MAX=4; VMAP_MAX=8; TORCH_COHORTS=4; REPEATS=2
   SWEEP_ROUNDS=2; SCALE=1
+  # The runner against its hand-written floor, shrunk to run on a CPU in about a minute.
+  FLOOR_ARGS=(--cohorts 2,4 --chunk 2 --emnist-rounds 2 --emnist-steps 2 --emnist-batch 4
+              --emnist-image 12 --repeats 1)
   TESTS=(tests/privacy/test_aggregation.py)
 else
   COHORTS=16,64,256,1024,4096; F32_COHORTS=64,1024,4096; CHUNKS=64; LOOP_MAX=64; VMAP_MAX=256
   TORCH_COHORTS=64; REPEATS=5; SWEEP_ROUNDS=20; SCALE=1
+  FLOOR_ARGS=(--cohorts 16,64,256,1024,4096 --chunk 64 --emnist-rounds 3 --repeats 3)
   TESTS=(tests/simulation/test_round.py)
 fi
 
 step() {  # step NAME SECONDS COMMAND...: runs, times and logs one step; never stops the suite.
   local name=$1 limit=$2; shift 2
+  # shellcheck disable=SC2053  # ONLY is a pattern on purpose.
+  if [[ -n "${ONLY:-}" && "$name" != $ONLY ]]; then return; fi
   local tic=$SECONDS
   echo "=== $name (limit ${limit}s): $*"
   timeout --signal=INT --kill-after=10 "$((limit * SCALE))" "$@" > "$RESULTS/$name.log" 2>&1
@@ -46,6 +54,13 @@ step cnn_bfloat16 170 $PY experiments/benchmarks/round_throughput.py --workload 
   --cohorts "$COHORTS" --chunk-sizes "$CHUNKS" --loop-max-clients "$LOOP_MAX" \
   --vmap-max-clients "$VMAP_MAX" --repeats "$REPEATS" --time-budget 5 --scan-rounds 5 \
   --dtype bfloat16 --json "$RESULTS/cnn_bfloat16.json"
+# The runner's program against a hand-written JAX floor of the same EMNIST-CNN
+# DP-FedAvg round (runner_vs_floor.py): rounds/s of each, their ratio, and
+# compile times, at every cohort size, in bfloat16 and float32.
+for dtype in bfloat16 float32; do
+  step "runner_vs_floor_$dtype" 150 $PY experiments/benchmarks/runner_vs_floor.py \
+    --workloads emnist --dtype "$dtype" "${FLOOR_ARGS[@]}" --json "$RESULTS/runner_vs_floor_$dtype.json"
+done
 for dtype in bfloat16 float32; do
   step "torch_loop_$dtype" 35 $PY experiments/benchmarks/torch_client_loop.py \
     --cohorts "$TORCH_COHORTS" --repeats 3 --dtype "$dtype" --json "$RESULTS/torch_loop_$dtype.json"

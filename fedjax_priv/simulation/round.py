@@ -217,6 +217,30 @@ def sum_chunks(group, chunks, aggregator: Aggregator, carry=()):
   return summed, totals, jnp.concatenate([weights, rest_weights.reshape(-1)]), carry
 
 
+def _finalize_in_own_kernels(aggregator: Aggregator, state: ServerState, summed, total_weight,
+                             ctx: RoundContext):
+  """`aggregator.finalize`, whose outputs XLA:CPU computes once, not once per consumer.
+
+  The update feeds the server optimizer and the `update_norm` metric. XLA:CPU
+  fuses cheap producers into every consumer, so a noisy update was computed
+  two to four times a round, its Threefry hash included (one coordinate of
+  noise is ~100 integer operations): a W1 round ran about 10 % slower than
+  with one consumer (`experiments/benchmarks/runner_vs_floor.py`). A conditional is
+  a boundary XLA:CPU's fusion does not cross and keeps while its predicate is
+  not a constant; both branches are `finalize`, so the predicate (the round
+  counter, always >= 0) changes nothing but where the outputs are
+  materialised. Other platforms call `finalize` directly: a GPU conditional
+  would read its predicate on the host. Under a `vmap` that batches the
+  round counter the conditional becomes a select of both (equal) branches:
+  correct, twice the work.
+  """
+  args = (state.aggregator_state, summed, total_weight, ctx)
+  finalize = lambda args: aggregator.finalize(*args)
+  apart = lambda round_index, args: jax.lax.cond(round_index >= 0, finalize, finalize, args)
+  return jax.lax.platform_dependent(state.round, args, cpu=apart,
+                                    default=lambda round_index, args: finalize(args))
+
+
 def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
   """Finalizes the cohort's sum, applies the server optimizer and forms the round's metrics.
 
@@ -224,8 +248,8 @@ def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_op
   `sum_chunks`, this) are shared with `simulation.sharding`, which runs them
   per device.
   """
-  update, aggregator_state, agg_stats = aggregator.finalize(
-      state.aggregator_state, summed, totals.pop("weight"), ctx)
+  update, aggregator_state, agg_stats = _finalize_in_own_kernels(
+      aggregator, state, summed, totals.pop("weight"), ctx)
   new_state = server_update(state, update, server_optimizer)._replace(
       aggregator_state=aggregator_state)
   clients = jnp.maximum(totals["clients"], 1.0)
