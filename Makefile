@@ -16,9 +16,14 @@ demo: $(STAMP)
 	$(BIN)/fedjax-priv run experiments/demo.toml --out runs/demo --overwrite
 
 # One pytest worker per core: most of the suite's time is single-threaded XLA
-# compilation (8m46s serial, 6m07s with 2 workers on a 2-core machine).
+# compilation. Workers and the subprocesses tests start share one fresh
+# persistent compilation cache, so a program several tests build (the same
+# tiny run in a resume, a kill and a CLI test) compiles once per session;
+# worksteal keeps both workers busy to the end. The tests check semantics, not
+# speed: XLA's lowest CPU backend optimisation level compiles faster.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -n auto
+	JAX_COMPILATION_CACHE_DIR=$$(mktemp -d) XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" \
+	  $(BIN)/python -m pytest tests -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/python experiments/benchmarks/round_throughput.py

@@ -192,12 +192,13 @@ def test_cli_calibrate_prints_the_noise_multipliers(tmp_path, capsys):
   overrides = [item for text in BASE for item in ("--set", text)]
   assert cli.main(["calibrate", str(config), *overrides]) == 0
   lines = capsys.readouterr().out.splitlines()
-  expected = calibrate(config_lib.load(config, BASE)).privacy
+  calibrated = calibrate(config_lib.load(config, BASE))
+  expected = calibrated.privacy
   assert lines[-2:] == [f"--set privacy.noise_multiplier={expected.noise_multiplier:.6g}",
                         "--set privacy.example_noise_multiplier="
                         f"{expected.example_noise_multiplier:.6g}"]
   # Each level: its sigma with the epsilon it reaches and what that is stated at.
-  levels = build(calibrate(config_lib.load(config, BASE))).levels
+  levels = build(calibrated).levels
   rounds = config_lib.load(config, BASE).simulation.rounds
   for line, plan, target in zip(lines[:2], levels, (4.0, 6.0)):
     epsilon = float(re.search(r"gives epsilon (\S+) ", line).group(1))
