@@ -49,8 +49,7 @@ def _delta_total_after(ledger: PrivacyLedger, plan: Any, first_round: int, round
                        settings: Any) -> tuple[float, float]:
   """(ε, δ_total) of `ledger` and `rounds` more rounds of `plan` from `first_round`."""
   trial = PrivacyLedger.from_state_dict(ledger.state_dict())
-  for r in range(first_round, first_round + rounds):
-    trial.record(plan.event_at(r), plan.overflow_probability_per_round)
+  plan.charge(trial, first_round, first_round + rounds)
   return trial.epsilon(settings.delta, settings.accountant)
 
 

@@ -262,8 +262,7 @@ def _calibrate(config: config_lib.Config) -> int:
     if targets.get(plan.unit, 0.0) <= 0:
       continue
     ledger = PrivacyLedger()
-    for r in range(rounds):
-      ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
+    plan.charge(ledger, 0, rounds)
     epsilon, delta_total = ledger.epsilon(privacy.delta, privacy.accountant)
     print(f"{plan.unit} level: noise_multiplier {plan.noise_multiplier:.6g} gives epsilon "
           f"{epsilon:.4g} (target {targets[plan.unit]:g}) at delta {privacy.delta:.3g}, "

@@ -85,6 +85,11 @@ class PrivacyPlan(NamedTuple):
     """The event of the first round (every round's, for schemes without epochs)."""
     return self.event_at(0)
 
+  def charge(self, ledger: Any, start: int, end: int) -> None:
+    """Records rounds [start, end) of this plan (their events and overflow) in `ledger`."""
+    for r in range(start, end):
+      ledger.record(self.event_at(r), self.overflow_probability_per_round)
+
 
 def user_plan(aggregator: Aggregator, participation: Participation, accountant: str = "rdp"
               ) -> PrivacyPlan | None:

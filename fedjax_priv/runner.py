@@ -285,8 +285,7 @@ def _expected_ledgers(exp: Experiment, rounds: int) -> dict[str, dict]:
   """Each level's ledger state after `rounds` rounds of the run's plans."""
   ledgers = {plan.unit: PrivacyLedger() for plan in exp.levels}
   for plan in exp.levels:
-    for r in range(rounds):
-      ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
+    plan.charge(ledgers[plan.unit], 0, rounds)
   return {unit: ledger.state_dict() for unit, ledger in ledgers.items()}
 
 
@@ -385,8 +384,7 @@ def _run_in(directory: RunDirectory, exp: Experiment, resume: bool, progress: bo
         # The ledger is charged before `state` moves on, so no checkpoint can
         # ever hold a state that trained on rounds its ledger lacks.
         for plan in exp.levels:
-          for r in range(start, end):
-            ledgers[plan.unit].record(plan.event_at(r), plan.overflow_probability_per_round)
+          plan.charge(ledgers[plan.unit], start, end)
         totals["wall"] += times["wall"] - times["compile"]
         totals["compile"] += times["compile"]
         pacer.observe(end - start, times["wall"] - times["compile"])

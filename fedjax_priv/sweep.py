@@ -114,14 +114,17 @@ def _epsilon_curve(plan, settings, rounds: list[int], known: dict
   that differ only in learning rates or seeds share their epsilon, and
   composing the events is the slow part.
   """
-  question = (plan.round_event, plan.sampling, plan.overflow_probability_per_round,
-              tuple(rounds), settings.delta, settings.accountant)
+  # The sampling rate fixes the epoch length of schemes whose later rounds
+  # differ from round 0 (ShuffledEpochs, Cyclic: N // K rounds).
+  question = (plan.round_event, plan.sampling, plan.sampling_rate,
+              plan.overflow_probability_per_round, tuple(rounds), settings.delta,
+              settings.accountant)
   if question not in known:
-    ledger, answers = PrivacyLedger(), []
-    for r in range(rounds[-1]):
-      ledger.record(plan.event_at(r), plan.overflow_probability_per_round)
-      if r + 1 in rounds:
-        answers.append(ledger.epsilon(settings.delta, settings.accountant))
+    ledger, answers, done = PrivacyLedger(), [], 0
+    for r in rounds:
+      plan.charge(ledger, done, r)
+      answers.append(ledger.epsilon(settings.delta, settings.accountant))
+      done = r
     known[question] = answers
   return known[question]
 
