@@ -22,3 +22,23 @@ def module_compilation_cache(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def fail_trainer_at_block():
+  """A function `(monkeypatch, block, error=KeyboardInterrupt)`: the runner's `block`-th
+  device call (1-based) raises `error`, as a Ctrl-C or a crash there would."""
+  from fedjax_priv import runner
+
+  def patch(monkeypatch, block, error=KeyboardInterrupt):
+    original, calls = runner._Trainer.run, [0]
+
+    def run(self, state, keys, cohorts):
+      calls[0] += 1
+      if calls[0] == block:
+        raise error
+      return original(self, state, keys, cohorts)
+
+    monkeypatch.setattr(runner._Trainer, "run", run)
+
+  return patch

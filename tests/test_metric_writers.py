@@ -112,18 +112,11 @@ def test_missing_package_is_reported_not_fatal(tmp_path, monkeypatch):
                                                                  "1,1.0", "2,2.0"]
 
 
-def test_resumed_run_writes_each_round_once(run_dir, tmp_path, monkeypatch):
+def test_resumed_run_writes_each_round_once(run_dir, tmp_path, monkeypatch,
+                                            fail_trainer_at_block):
   """Interrupted after the first block, then resumed: rounds.csv and metrics.csv equal the
   straight run's (the rows of rounds past the checkpoint are not kept twice)."""
-  original, calls = runner._Trainer.run, [0]
-
-  def interrupt_second_block(self, *args):
-    calls[0] += 1
-    if calls[0] == 2:
-      raise KeyboardInterrupt
-    return original(self, *args)
-
-  monkeypatch.setattr(runner._Trainer, "run", interrupt_second_block)
+  fail_trainer_at_block(monkeypatch, 2)
   config = config_lib.load(None, TINY)
   with pytest.raises(KeyboardInterrupt):
     runner.run(config, tmp_path, progress=False)

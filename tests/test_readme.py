@@ -15,7 +15,6 @@ import shutil
 import dp_accounting
 import pytest
 
-from fedjax_priv import runner
 from fedjax_priv.privacy import accounting
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -71,19 +70,13 @@ def test_sweep_rows_are_their_own_runs(example, tmp_path):
   assert middle["test_accuracy"] == pytest.approx(ns["summary"]["test_accuracy"], abs=2e-3)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(example, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_equals_uninterrupted(example, tmp_path, monkeypatch,
+                                                      fail_trainer_at_block):
   cwd, ns = example
-  original, calls = runner._Trainer.run, [0]
-
-  def run_then_interrupt(self, state, keys, cohorts):
-    calls[0] += 1
-    if calls[0] == 2:  # Blocks end at rounds 20 and 40: Ctrl-C as the second starts.
-      raise KeyboardInterrupt
-    return original(self, state, keys, cohorts)
-
   out = tmp_path / "interrupted"
   with monkeypatch.context() as patch:
-    patch.setattr(runner._Trainer, "run", run_then_interrupt)
+    # Blocks end at rounds 20 and 40: Ctrl-C as the second starts.
+    fail_trainer_at_block(patch, 2)
     with pytest.raises(KeyboardInterrupt):
       ns["fp"].run_experiment(ns["experiment"](1.0), out, progress=False)
   assert [line["round"] for line in _lines(out / "metrics.jsonl")] == [20]

@@ -139,20 +139,11 @@ def test_resume_with_nothing_to_resume_and_both_flags_are_refused(exp, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def killed_before_checkpoint(tmp_path_factory):
+def killed_before_checkpoint(tmp_path_factory, fail_trainer_at_block):
   """Run B (seed 1), crashed in its second block before any checkpoint: metrics for round 2."""
   out = tmp_path_factory.mktemp("killed")
-  original = runner._Trainer.run
-  calls = [0]
-
-  def run(self, state, keys, cohorts):
-    calls[0] += 1
-    if calls[0] == 2:
-      raise RuntimeError("killed")
-    return original(self, state, keys, cohorts)
-
   with pytest.MonkeyPatch.context() as monkeypatch:
-    monkeypatch.setattr(runner._Trainer, "run", run)
+    fail_trainer_at_block(monkeypatch, 2, RuntimeError("killed"))
     with pytest.raises(RuntimeError):
       runner.run(_config("simulation.seed=1", "simulation.checkpoint_every=0"), out,
                  progress=False)

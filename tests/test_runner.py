@@ -154,27 +154,13 @@ def run_a(tmp_path_factory):
   return config, out, summary, state, extra
 
 
-def _interrupt_trainer_at_block(monkeypatch, block):
-  """Makes the `block`-th call of the trainer (1-based) raise KeyboardInterrupt."""
-  original = runner._Trainer.run
-  calls = [0]
-
-  def run(self, state, keys, cohorts):
-    calls[0] += 1
-    if calls[0] == block:
-      raise KeyboardInterrupt
-    return original(self, state, keys, cohorts)
-
-  monkeypatch.setattr(runner._Trainer, "run", run)
-
-
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
+def interrupted(tmp_path_factory, fail_trainer_at_block):
   """Rounds 0-4 of the same run, then Ctrl-C as the block of rounds 5-6 starts."""
   config = _config(RESUME)
   out = tmp_path_factory.mktemp("interrupted")
   with pytest.MonkeyPatch.context() as monkeypatch:
-    _interrupt_trainer_at_block(monkeypatch, 3)  # Blocks end at rounds 2, 4, 6.
+    fail_trainer_at_block(monkeypatch, 3)  # Blocks end at rounds 2, 4, 6.
     with pytest.raises(KeyboardInterrupt):
       runner.run(config, out, progress=False)
   return out
@@ -238,21 +224,13 @@ def test_interrupt_during_evaluation_then_resume_equals_uninterrupted(run_a, tmp
   _check_equals_run_a(run_a, config, out, atol=1e-6)
 
 
-def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch):
+def test_resume_after_crash_before_first_checkpoint(run_a, tmp_path, monkeypatch,
+                                                   fail_trainer_at_block):
   # A crash (not Ctrl-C: no checkpoint is written) in the second block, with
   # only the final checkpoint configured: metrics.jsonl already holds round 2.
   config = _config(RESUME, "simulation.checkpoint_every=0")
   out = tmp_path / "b"
-  original = runner._Trainer.run
-  calls = [0]
-
-  def run(self, state, keys, cohorts):
-    calls[0] += 1
-    if calls[0] == 2:
-      raise RuntimeError("device lost")
-    return original(self, state, keys, cohorts)
-
-  monkeypatch.setattr(runner._Trainer, "run", run)
+  fail_trainer_at_block(monkeypatch, 2, RuntimeError("device lost"))
   with pytest.raises(RuntimeError):
     runner.run(config, out, progress=False)
   monkeypatch.undo()

@@ -20,7 +20,6 @@ import pytest
 
 from fedjax_priv import Cyclic, Poisson, RunSettings, ShuffledEpochs, assemble, run_experiment
 from fedjax_priv import checkpoint as ckpt
-from fedjax_priv import runner
 from fedjax_priv.algorithms.server import server_init
 from fedjax_priv.data import federated_digits
 from fedjax_priv.models import logistic_regression
@@ -205,19 +204,11 @@ def _params(out):
   return state, extra
 
 
-def test_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch,
+                                     fail_trainer_at_block):
   out_a, summary_a = uninterrupted
-  original = runner._Trainer.run
-  calls = [0]
-
-  def interrupt_third_block(self, state, keys, cohorts):
-    calls[0] += 1
-    if calls[0] == 3:  # Blocks end at rounds 4, 8, 12, 16.
-      raise KeyboardInterrupt
-    return original(self, state, keys, cohorts)
-
   with monkeypatch.context() as patch:
-    patch.setattr(runner._Trainer, "run", interrupt_third_block)
+    fail_trainer_at_block(patch, 3)  # Blocks end at rounds 4, 8, 12, 16.
     with pytest.raises(KeyboardInterrupt):
       run_experiment(_experiment(_bandmf(1.1)), tmp_path, progress=False)
   state, extra = _params(tmp_path)
