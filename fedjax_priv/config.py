@@ -352,11 +352,6 @@ def validate(config: Config, population_known: bool | None = None) -> None:
   if privacy.fixed_as_poisson and (privacy.unit not in ("user", "both") or not partial_fixed):
     raise ConfigError("privacy.fixed_as_poisson applies to user-level privacy with fixed-size "
                       "cohorts smaller than the population (simulation.sampling = fixed)")
-  # Full participation (cohort = store size) is accountable with pld: wait for the size.
-  if (population_known and privacy.unit in ("user", "both") and privacy.accountant == "pld"
-      and partial_fixed and not privacy.fixed_as_poisson):
-    raise ConfigError("privacy.accountant = pld cannot account fixed-size cohorts "
-                      "(sampling without replacement); use rdp or simulation.sampling = poisson")
 
 
 def _check_float32(key: str, value: float | None) -> None:

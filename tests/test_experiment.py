@@ -74,14 +74,15 @@ def test_store_smaller_than_the_cohort_is_refused(store):
 
 
 def test_store_population_checks_wait_for_the_store_size(store):
-  # pld cannot account partial fixed cohorts; with all 7 store clients per round it can,
-  # which only the store's size tells.
+  # fixed_as_poisson needs cohorts smaller than the population: a cohort of 3 of the
+  # store's 7 clients is, a cohort of all 7 is not, which only the store's size tells.
   path = store[0]
   settings = ("data.dataset=store", f"data.store={path}", "simulation.sampling=fixed",
-              "privacy.unit=user", "privacy.accountant=pld")
-  assert build(_config(*settings, "simulation.cohort_size=7")).train.num_clients == 7
-  with pytest.raises(config_lib.ConfigError, match="pld cannot account fixed-size cohorts"):
-    build(_config(*settings, "simulation.cohort_size=3"))
+              "privacy.unit=user", "privacy.fixed_as_poisson=true")
+  with pytest.warns(UserWarning, match="approximation"):
+    assert build(_config(*settings, "simulation.cohort_size=3")).train.num_clients == 7
+  with pytest.raises(config_lib.ConfigError, match="fixed_as_poisson applies"):
+    build(_config(*settings, "simulation.cohort_size=7"))
 
 
 def test_proximal_mu_pulls_local_training_towards_the_server_model():

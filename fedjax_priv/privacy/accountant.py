@@ -32,7 +32,7 @@ from scipy import special
 
 from fedjax_priv.checks import check_delta, check_probability, check_real
 from fedjax_priv.privacy.events import (NeighboringRelation, RdpCurveDpEvent, check_event,
-                                        relation_of)
+                                        relation_of, relations_used)
 
 # Dense RDP orders: the optimal order for typical DP-SGD / DP-FedAvg settings
 # lies between ~1.5 and ~40, and a grid step of 0.05 there keeps the
@@ -239,16 +239,58 @@ def _curve_event_rdp(event: dp_event.DpEvent, accountant: str) -> tuple[tuple[in
   return orders, _rdp_with_curves(event, relation_of(event), orders)
 
 
+def _without_replacement_as_dominating_pair(event: dp_event.DpEvent) -> dp_event.DpEvent:
+  """`event` with each sampled-without-replacement Gaussian replaced by its tight PLD equivalent.
+
+  Sampling a fixed-size subset of K of N records without replacement, under
+  the replace-one relation, turns a mechanism with dominating pair (P, Q)
+  into one with dominating pair (q P + (1 - q) Q, Q), q = K / N (Balle,
+  Barthe & Gaboardi 2018, Thm. 10, "advanced joint convexity"; Zhu, Dong &
+  Wang 2022, "Optimal Accounting of Differential Privacy via Characteristic
+  Function", Table 1). For the Gaussian mechanism, whose replace-one pair is
+  (N(1, nm^2), N(0, nm^2)) with nm relative to the replace-one sensitivity,
+  that is exactly the pair dp_accounting's PLD accountant builds for
+  `PoissonSampledDpEvent(q, GaussianDpEvent(nm))` under add/remove, in
+  both orders (the "remove" and "add" directions). Both orders are attained
+  by the fixed-size sampler (let every other record equal the replaced one,
+  or the replacing one), so this is tight, not only an upper bound. A plain
+  Gaussian in the same event keeps its pair N(1) vs N(0), which the
+  add/remove PLD accountant also gives. Other sampled-without-replacement
+  mechanisms are left for the accountant to refuse.
+  """
+  if isinstance(event, dp_event.SelfComposedDpEvent):
+    return dp_event.SelfComposedDpEvent(_without_replacement_as_dominating_pair(event.event),
+                                        event.count)
+  if isinstance(event, dp_event.ComposedDpEvent):
+    return dp_event.ComposedDpEvent([_without_replacement_as_dominating_pair(e)
+                                     for e in event.events])
+  if (isinstance(event, dp_event.SampledWithoutReplacementDpEvent)
+      and type(event.event) is dp_event.GaussianDpEvent):
+    return dp_event.PoissonSampledDpEvent(
+        event.sample_size / event.source_dataset_size, event.event)
+  return event
+
+
 def _composed_accountant(
     event: dp_event.DpEvent,
     accountant: str,
     orders: Sequence[float] | None,
     value_discretization_interval: float,
 ) -> dp_accounting.PrivacyAccountant:
-  """An accountant of the right relation with `event` composed into it."""
+  """An accountant of the right relation with `event` composed into it.
+
+  Under "pld", a replace-one event of fixed-size (without replacement)
+  sampled Gaussians is composed in its dominating-pair form
+  (`_without_replacement_as_dominating_pair`) by the add/remove PLD
+  accountant, which builds exactly those pairs.
+  """
   check_event("event", event)
   accountant = _check_accountant(accountant)
   relation = relation_of(event)
+  if accountant == "pld" and relation == NeighboringRelation.REPLACE_ONE:
+    rewritten = _without_replacement_as_dominating_pair(event)
+    if not relations_used(rewritten) - {NeighboringRelation.ADD_OR_REMOVE_ONE}:
+      event, relation = rewritten, NeighboringRelation.ADD_OR_REMOVE_ONE
   acct = _make_accountant(
       accountant, relation, orders, value_discretization_interval
   )
@@ -286,7 +328,10 @@ def compute_epsilon(
 
   The relation is add/remove one unit unless the event contains
   `SampledWithoutReplacementDpEvent`, in which case it is replace one unit
-  (see the module docstring); events mixing the two are refused.
+  (see the module docstring); events mixing the two are refused. Under
+  "rdp" such an event gets Wang, Balle & Kasiviswanathan's (2019) bound;
+  under "pld" a Gaussian inside it gets its tight dominating pair (Balle et
+  al. 2018; Zhu, Dong & Wang 2022), which is much smaller (`FixedSize`).
 
   Args:
     event: the DpEvent to account, e.g. from `user_level_event` or
