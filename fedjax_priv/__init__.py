@@ -13,7 +13,8 @@ from fedjax_priv.types import ClientBatch
 from fedjax_priv.models import Model
 from fedjax_priv.privacy import dp_mean, weighted_mean
 from fedjax_priv.simulation import build_round
-from fedjax_priv.simulation.participation import Cyclic, FixedSize, Full, Poisson, ShuffledEpochs
+from fedjax_priv.simulation.participation import (BallsInBins, Cyclic, CyclicPoisson, FixedSize, Full,
+                                                  MinSeparation, Poisson, ShuffledEpochs)
 from fedjax_priv.experiment import Experiment, RunSettings, assemble
 from fedjax_priv.runner import run_experiment
 from fedjax_priv.sweep import sweep_experiment
@@ -21,7 +22,7 @@ from fedjax_priv.sweep import sweep_experiment
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClientBatch", "Cyclic", "ExampleDP", "Experiment", "FixedSize", "Full", "Model", "Poisson",
+    "BallsInBins", "ClientBatch", "Cyclic", "CyclicPoisson", "ExampleDP", "Experiment", "FixedSize", "Full", "MinSeparation", "Model", "Poisson",
     "RunSettings", "ServerState", "ShuffledEpochs", "algorithms", "assemble", "build_round",
     "data", "dp_mean", "gather_cohort", "make_client_update", "models", "privacy",
     "run_experiment", "sample_client_batches", "secure", "server_init", "simulation",

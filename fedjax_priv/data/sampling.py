@@ -84,6 +84,27 @@ def _round_rng(seed: int, round_index) -> np.random.Generator:
   return np.random.default_rng([seed, round_index])
 
 
+def _poisson_subset(rng: np.random.Generator, population: np.ndarray | int, sampling_rate: float,
+                    capacity: int) -> tuple[np.ndarray, int]:
+  """A Poisson sample of ``population`` truncated to a uniform ``capacity``-subset; (kept, dropped).
+
+  The size is drawn as ``Binomial(n, q)`` and then that many distinct members
+  uniformly: the same distribution as one coin per member (a Poisson sample
+  is uniform given its size), at a cost proportional to the sample. A
+  uniform ``capacity``-subset of a uniform sample is again uniform, so on
+  overflow only ``capacity`` members are drawn.
+  """
+  size = population if isinstance(population, int) else len(population)
+  num_sampled = int(rng.binomial(size, sampling_rate))
+  num_kept = min(num_sampled, capacity)
+  return rng.choice(population, size=num_kept, replace=False), num_sampled - num_kept
+
+
+def _seeded_permutation(num_clients: int, seed: int) -> np.ndarray:
+  # Drawn from (seed,) alone, apart from every (seed, round) stream.
+  return np.random.default_rng([seed]).permutation(num_clients)
+
+
 def poisson_overflow_probability(num_clients: int, sampling_rate: float, capacity: int) -> float:
   """Probability that a Poisson cohort exceeds ``capacity`` clients.
 
@@ -309,12 +330,9 @@ class PoissonSampler:
   def sample(self, round_index: int) -> Cohort:
     """Draws the cohort of one round.
 
-    Instead of one coin per client, the cohort size is drawn as
-    ``Binomial(N, q)`` and that many distinct clients uniformly at random:
-    the same distribution (a Poisson sample is uniform given its size), at a
-    cost proportional to the cohort instead of the population. On overflow
-    a uniform ``capacity``-subset of a uniform sample is again uniform, so
-    only ``capacity`` clients are drawn and the rest counted as dropped.
+    The cohort size is drawn as ``Binomial(N, q)`` and that many distinct
+    clients uniformly at random (`_poisson_subset`); on overflow a uniform
+    ``capacity``-subset is kept and the rest counted as dropped.
 
     Args:
       round_index: Non-negative round number.
@@ -327,10 +345,8 @@ class PoissonSampler:
       ValueError: If ``round_index`` is negative or not an integer.
     """
     rng = _round_rng(self.seed, round_index)
-    num_sampled = int(rng.binomial(self.num_clients, self.sampling_rate))
-    num_kept = min(num_sampled, self.capacity)
-    chosen = rng.choice(self.num_clients, size=num_kept, replace=False)
-    return _padded_cohort(chosen, self.capacity, overflow=num_sampled - num_kept)
+    chosen, dropped = _poisson_subset(rng, self.num_clients, self.sampling_rate, self.capacity)
+    return _padded_cohort(chosen, self.capacity, overflow=dropped)
 
 
 class ShuffledEpochSampler(_ExactCohortSampler):
@@ -367,9 +383,184 @@ class CyclicSampler(_ExactCohortSampler):
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
     super().__init__(num_clients, cohort_size, seed)
     self.num_groups = self.num_clients // self.cohort_size
-    order = np.random.default_rng([self.seed]).permutation(self.num_clients)
+    order = _seeded_permutation(self.num_clients, self.seed)
     self._groups = order[:self.num_groups * self.cohort_size].reshape(self.num_groups, -1)
 
   def sample(self, round_index: int) -> Cohort:
     group = check_int("round_index", round_index, 0) % self.num_groups
     return _padded_cohort(self._groups[group], self.capacity, overflow=0)
+
+
+def _check_groups(name: str, value, num_clients: int) -> int:
+  value = check_int(name, value, 1)
+  if value > num_clients:
+    raise ValueError(f"{name} ({value}) must be <= num_clients ({num_clients})")
+  return value
+
+
+class CyclicPoissonSampler:
+  """Cyclic Poisson: a fixed seeded partition into b groups; round r Poisson-samples group r mod b.
+
+  The N // b * b clients of a seeded permutation are cut into b equal groups
+  (the N mod b left over never take part); in round r each client of group
+  r mod b joins independently with probability ``sampling_rate``, truncated
+  to ``capacity`` like `PoissonSampler`. Each client is eligible once every
+  b rounds, so any two of its participations are at least b apart, and in
+  its eligible rounds it is Poisson-sampled: the sampling of amplified
+  BandMF (Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta & Xu
+  2023, "(Amplified) Banded Matrix Factorization"). Deterministic per
+  (seed, round).
+
+  Attributes:
+    name: ``"cyclic_poisson"``.
+    num_groups: b.
+    group_size: N // b.
+    sampling_rate: q, per eligible round.
+    expected_cohort_size: q * N // b.
+    capacity: cohort slots; default: P[Binomial(N // b, q) > capacity] <= overflow_probability.
+    overflow_probability_per_round: exact P[Binomial(N // b, q) > capacity].
+  """
+  name = "cyclic_poisson"
+
+  def __init__(self, num_clients: int, num_groups: int, sampling_rate: float, seed: int,
+               capacity: int | None = None, overflow_probability: float = 1e-12):
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.num_groups = _check_groups("num_groups", num_groups, self.num_clients)
+    self.sampling_rate = _check_sampling_rate(sampling_rate)
+    self.seed = check_int("seed", seed, 0)
+    self.group_size = self.num_clients // self.num_groups
+    order = _seeded_permutation(self.num_clients, self.seed)
+    self._groups = order[:self.num_groups * self.group_size].reshape(self.num_groups, -1)
+    if capacity is None:
+      capacity = max(1, poisson_capacity(self.group_size, self.sampling_rate,
+                                         overflow_probability))
+    self.capacity = check_int("capacity", capacity, 1)
+    self.expected_cohort_size = self.sampling_rate * self.group_size
+    self.overflow_probability_per_round = poisson_overflow_probability(
+        self.group_size, self.sampling_rate, self.capacity)
+
+  def __repr__(self) -> str:
+    return (f"CyclicPoissonSampler(num_clients={self.num_clients}, num_groups={self.num_groups}, "
+            f"sampling_rate={self.sampling_rate}, seed={self.seed}, capacity={self.capacity})")
+
+  def sample(self, round_index: int) -> Cohort:
+    rng = _round_rng(self.seed, round_index)
+    group = self._groups[round_index % self.num_groups]
+    chosen, dropped = _poisson_subset(rng, group, self.sampling_rate, self.capacity)
+    return _padded_cohort(chosen, self.capacity, overflow=dropped)
+
+
+class BallsInBinsSampler:
+  """Balls in bins: each client gets one of b bins uniformly at random, once; round r uses bin r mod b.
+
+  The bins are drawn from the seed alone, so every client takes part exactly
+  every b rounds and cohort sizes vary (Binomial(N, 1 / b)); the capacity is
+  the largest bin, so nothing is ever truncated. Chua, Ghazi, Harrison,
+  Leeman, Kamath, Kumar, Manurangsi, Sinha & Zhang 2025, "Balls-and-Bins
+  Sampling for DP-SGD" (AISTATS); Feldman & Shenfeld 2025, "Privacy
+  Amplification by Random Allocation". Deterministic per (seed, round).
+
+  Attributes:
+    name: ``"balls_in_bins"``.
+    num_bins: b.
+    capacity: the largest bin's size.
+    expected_cohort_size: N / b.
+  """
+  name = "balls_in_bins"
+  overflow_probability_per_round = 0.0
+
+  def __init__(self, num_clients: int, num_bins: int, seed: int):
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.num_bins = _check_groups("num_bins", num_bins, self.num_clients)
+    self.seed = check_int("seed", seed, 0)
+    bins = np.random.default_rng([self.seed]).integers(self.num_bins, size=self.num_clients)
+    self._members = [np.flatnonzero(bins == b) for b in range(self.num_bins)]
+    self.capacity = max(1, max(len(m) for m in self._members))
+    self.expected_cohort_size = self.num_clients / self.num_bins
+    self.sampling_rate = 1 / self.num_bins
+
+  def __repr__(self) -> str:
+    return (f"BallsInBinsSampler(num_clients={self.num_clients}, num_bins={self.num_bins}, "
+            f"seed={self.seed})")
+
+  def sample(self, round_index: int) -> Cohort:
+    members = self._members[check_int("round_index", round_index, 0) % self.num_bins]
+    return _padded_cohort(members, self.capacity, overflow=0)
+
+
+class MinSeparationSampler:
+  """b-min-sep: each round Poisson-samples the clients that took no part in the last b - 1 rounds.
+
+  A client sampled in round r is ineligible in rounds r + 1 ... r + b - 1,
+  so any two of its participations are at least b apart; an eligible client
+  joins with probability p. With ``warm_start`` the history before round 0
+  is drawn from the process's steady state (each client sat in one of the
+  b - 1 previous rounds with probability (b - 1) p / (1 + (b - 1) p)), so
+  the expected cohort is N / (b - 1 + 1 / p) from round 0 on. The cohort is
+  truncated to ``capacity`` slots; a truncated client still counts as
+  sampled, so eligibility never depends on truncation (as jax_privacy's
+  ``BMinSepSampling``, arXiv:2602.09338, does).
+
+  Round r's coins come from ``default_rng([seed, r])`` and depend on the
+  rounds before it, so `sample` replays rounds from the start when asked
+  for an earlier round than the last (a resumed run replays once: O(r N)
+  host work); consecutive rounds cost O(N) each.
+
+  Attributes:
+    name: ``"min_separation"``.
+    min_separation: b.
+    sampling_rate: p, per eligible round.
+    expected_cohort_size: N / (b - 1 + 1 / p) (warm start).
+    capacity: default: the 1 - 1e-9 quantile of Binomial(N, expected / N).
+  """
+  name = "min_separation"
+
+  def __init__(self, num_clients: int, min_separation: int, sampling_rate: float, seed: int,
+               capacity: int | None = None, warm_start: bool = True):
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.min_separation = check_int("min_separation", min_separation, 1)
+    self.sampling_rate = _check_sampling_rate(sampling_rate)
+    self.seed = check_int("seed", seed, 0)
+    self.warm_start = bool(warm_start)
+    self.expected_cohort_size = self.num_clients / (self.min_separation - 1
+                                                    + 1 / self.sampling_rate)
+    if capacity is None:
+      capacity = max(1, poisson_capacity(self.num_clients,
+                                         self.expected_cohort_size / self.num_clients, 1e-9))
+    self.capacity = check_int("capacity", capacity, 1)
+    self._reset()
+
+  def __repr__(self) -> str:
+    return (f"MinSeparationSampler(num_clients={self.num_clients}, "
+            f"min_separation={self.min_separation}, sampling_rate={self.sampling_rate}, "
+            f"seed={self.seed}, capacity={self.capacity})")
+
+  def _reset(self) -> None:
+    b, p = self.min_separation, self.sampling_rate
+    # last[i]: the last round client i was sampled in; eligible in r when last[i] <= r - b.
+    self._last = np.full(self.num_clients, -b, dtype=np.int64)
+    if self.warm_start and b > 1:
+      rng = np.random.default_rng([self.seed])
+      seated = rng.random(self.num_clients) < (b - 1) * p / (1 + (b - 1) * p)
+      self._last[seated] = -rng.integers(1, b, size=int(seated.sum()))
+    self._next_round = 0
+
+  def sample(self, round_index: int) -> Cohort:
+    round_index = check_int("round_index", round_index, 0)
+    if round_index < self._next_round:
+      self._reset()
+    while True:
+      r = self._next_round
+      rng = _round_rng(self.seed, r)
+      eligible = np.flatnonzero(self._last <= r - self.min_separation)
+      sampled = eligible[rng.random(len(eligible)) < self.sampling_rate]
+      self._last[sampled] = r
+      self._next_round = r + 1
+      if r == round_index:
+        break
+    dropped = max(0, len(sampled) - self.capacity)
+    if dropped:
+      sampled = rng.choice(sampled, size=self.capacity, replace=False)
+    else:
+      sampled = rng.permutation(sampled)
+    return _padded_cohort(sampled, self.capacity, overflow=dropped)

@@ -112,6 +112,12 @@ class RoundPrivacy(NamedTuple):
       apart (a matrix-factorization mechanism, `mf_aggregator`). Only a
       participation that guarantees such a pattern (`Cyclic`) may run it.
     description: one line naming the mechanism and its parameters.
+    banded: None; or (bands, sigma_1) for a banded matrix-factorization
+      mechanism: its strategy has `bands` non-zero diagonals and its noise,
+      relative to the sensitivity of a single participation (the strategy's
+      largest column norm times C), has multiplier sigma_1. With cyclic
+      Poisson groups of at least `bands` rounds (`CyclicPoisson`) it is
+      amplified by sampling (Choquette-Choo et al. 2023b, Thm. 4).
   """
   event: Callable[[NeighboringRelation], dp_accounting.DpEvent]
   relations: tuple[NeighboringRelation, ...]
@@ -119,6 +125,7 @@ class RoundPrivacy(NamedTuple):
   rounds_per_event: int = 1
   description: str = ""
   participation: tuple[int, int] | None = None
+  banded: tuple[int, float] | None = None
 
 
 def gaussian_sum_privacy(noise_multiplier: float, description: str) -> RoundPrivacy:

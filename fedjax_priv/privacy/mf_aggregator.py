@@ -14,9 +14,12 @@ Neighbouring relation: user level, zero-out. A user's clipped contributions
 in all of its participations (at most k rounds of the n, any two at least b
 apart) are replaced by zero; for the fixed, public schedule of `Cyclic`
 participation that is removing the user. The accounted event is
-`GaussianDpEvent(sigma)` for the whole run of n rounds, charged once; no
-amplification by sampling is claimed (amplified BandMF, Choquette-Choo et
-al. 2023b, would need Poisson-sampled bands of clients: not done here).
+`GaussianDpEvent(sigma)` for the whole run of n rounds, charged once, with
+no amplification by sampling. With `CyclicPoisson` participation and a
+banded strategy of at most b bands, each cycle of b rounds is instead
+charged `PoissonSampled(q, Gaussian(sigma_1))`, sigma_1 relative to one
+participation's sensitivity: amplified BandMF (Choquette-Choo et al. 2023b,
+Thm. 4; the event of jax_privacy's `amplified_bandmf_event`).
 
 The stream's state lives in the aggregator state (`ServerState.aggregator_state`),
 so a checkpointed run resumes with the exact noise it would have drawn.
@@ -80,6 +83,19 @@ def _inverse_row_norms(strategy: mf.Strategy, rounds: int) -> np.ndarray:
   return np.sqrt(np.cumsum(np.square(mf.inverse_toeplitz_coefs(strategy, rounds))))
 
 
+def _bands_and_largest_column(strategy: mf.Strategy, rounds: int) -> tuple[int, float] | None:
+  """(non-zero diagonals, largest column norm) of C_s over `rounds` rounds; None if not banded."""
+  if isinstance(strategy, mf.BandedToeplitz):
+    coefs = np.asarray(strategy.coefs, np.float64)[:rounds]
+    # Column 0 holds every coefficient; later columns are cut off at the bottom.
+    return len(coefs), float(np.linalg.norm(coefs))
+  if isinstance(strategy, mf.DenseStrategy):
+    matrix = mf.strategy_matrix(strategy, rounds)
+    rows, cols = np.nonzero(matrix)
+    return int(np.max(rows - cols)) + 1, float(np.max(np.linalg.norm(matrix, axis=0)))
+  return None
+
+
 def mf_mean(strategy: mf.Strategy, clip_norm: float, noise_multiplier: float,
             expected_cohort_size: float, rounds: int, max_participations: int,
             min_separation: int) -> Aggregator:
@@ -103,7 +119,10 @@ def mf_mean(strategy: mf.Strategy, clip_norm: float, noise_multiplier: float,
     it reports `noise_stddev` (per-coordinate std of this round's noise over
     M). `privacy` is `GaussianDpEvent(sigma)` for the whole run
     (rounds_per_event = n), zero-out relation, not amplified, requiring
-    (k, b)-participation.
+    (k, b)-participation; for a banded strategy (BandedToeplitz, or a
+    banded DenseStrategy) `privacy.banded` = (bands, sigma sens / largest
+    column norm), which `CyclicPoisson` with b >= bands groups accounts as
+    amplified BandMF.
 
   Raises:
     ValueError: an argument out of range, or a strategy of another size,
@@ -136,9 +155,13 @@ def mf_mean(strategy: mf.Strategy, clip_norm: float, noise_multiplier: float,
     return dp_accounting.GaussianDpEvent(float(noise_multiplier))
 
   kind = type(strategy).__name__
+  banded = _bands_and_largest_column(strategy, rounds)
+  if banded is not None:
+    # One participation moves the release C_s x by at most C times the largest column norm.
+    banded = (banded[0], float(noise_multiplier) * sens.value / banded[1])
   privacy = RoundPrivacy(
       event, (ZERO_OUT,), amplified_by_sampling=False, rounds_per_event=rounds,
-      participation=(max_participations, min_separation),
+      participation=(max_participations, min_separation), banded=banded,
       description=(f"mf_mean({kind}, clip_norm={clip_norm}, noise_multiplier={noise_multiplier}, "
                    f"rounds={rounds}, k={max_participations}, b={min_separation}, "
                    f"sensitivity={sens.value:.6g} ({'exact' if sens.exact else 'upper bound'}))"))

@@ -13,6 +13,9 @@ round of the run, with the neighbouring relation it holds under:
 | `Poisson(N, m)` | each client with q = m / N, truncated to a capacity | add/remove (else zero-out) | `PoissonSampled(q, event)`; `TruncatedSubsampledGaussian` under PLD |
 | `ShuffledEpochs(N, K)` | each epoch a permutation cut into N // K cohorts of K | zero-out | the event once per epoch |
 | `Cyclic(N, K)` | a fixed partition into N // K groups of K, in turn | zero-out | a whole-run (MF) event once; else once per cycle of N // K rounds |
+| `CyclicPoisson(N, b, m)` | b fixed groups in turn, each Poisson-sampled at q = m / (N // b) | zero-out | `PoissonSampled(q, event)` per cycle; banded MF: amplified BandMF |
+| `BallsInBins(N, b)` | each user in one random bin of b, bins in turn | zero-out | as `Cyclic` with b rounds per cycle (no amplification claimed) |
+| `MinSeparation(N, b, p)` | Poisson at p among users absent for b - 1 rounds | zero-out | as `Cyclic` with b rounds per cycle (no amplification claimed) |
 
 Mechanisms whose server sees each upload (local DP) are not amplified: every
 round is charged the mechanism's own event. A mechanism whose event covers
@@ -20,7 +23,7 @@ E rounds (a DP-FTRL tree) needs each user at most once in those E rounds,
 which only `ShuffledEpochs` with epochs of E rounds guarantees. A
 matrix-factorization mechanism's event covers the whole run and needs each
 user in at most k rounds, any two at least b apart (`RoundPrivacy.participation`),
-which only `Cyclic` guarantees.
+which `Cyclic`, `CyclicPoisson`, `BallsInBins` and `MinSeparation` guarantee.
 
 The accountant ("rdp" or "pld", `RunSettings.accountant`) reaches the
 participation as an argument of `round_event` and
@@ -57,7 +60,8 @@ import warnings
 import dp_accounting
 
 from fedjax_priv.checks import check_int, check_positive
-from fedjax_priv.data.sampling import (CyclicSampler, FixedSizeSampler, PoissonSampler,
+from fedjax_priv.data.sampling import (BallsInBinsSampler, CyclicPoissonSampler, CyclicSampler,
+                                       FixedSizeSampler, MinSeparationSampler, PoissonSampler,
                                        ShuffledEpochSampler, poisson_overflow_probability)
 from fedjax_priv.privacy.aggregation import ADD_OR_REMOVE, REPLACE_ONE, ZERO_OUT, RoundPrivacy
 
@@ -401,22 +405,98 @@ class ShuffledEpochs(_ExactCohorts):
     return privacy.event(self.relation(privacy))
 
 
+def _separated_round_event(privacy: RoundPrivacy, round_index: int, max_participations: int,
+                           min_separation: int, scheme: str) -> dp_accounting.DpEvent:
+  """The event of round `round_index` when each user takes part at most once in any b rounds.
+
+  No amplification is claimed: the schedule is independent of the data
+  (zero-out), and only its (k, b) pattern is used. A mechanism whose event
+  covers the whole run (`RoundPrivacy.participation` = its required (k, b),
+  rounds_per_event = R) is charged once, at round 0, after checking that
+  the scheme's k <= its k and b >= its b; a run longer than R rounds is
+  refused. A one-round mechanism is charged once per window of b rounds, at
+  the window's first round: two participations b apart never share an
+  aligned window, so this bounds every round boundary, and it gives the
+  epsilon of the identity strategy (independent noise) accounted as one
+  Gaussian mechanism over k rounds.
+
+  Args:
+    privacy: the mechanism's statement of one round.
+    round_index: 0-based.
+    max_participations: k, the scheme's most participations of one user in
+      the mechanism's R rounds (one-round mechanisms: unused).
+    min_separation: b.
+    scheme: the participation, for messages.
+
+  Raises:
+    ValueError: a multi-round mechanism without a (k, b) requirement, a
+      pattern the mechanism's (k, b) does not cover (naming both), or a
+      round past the mechanism's run.
+  """
+  rounds = privacy.rounds_per_event
+  description = privacy.description or "the mechanism"
+  if privacy.participation is None:
+    if rounds == 1:
+      if round_index % min_separation:
+        return dp_accounting.NoOpDpEvent()
+      return privacy.event(_first_supported(privacy, (ZERO_OUT, REPLACE_ONE), scheme))
+    raise ValueError(f"{description} accounts {rounds} rounds per event with each user at most "
+                     "once in them; use ShuffledEpochs with epochs of that many rounds")
+  _check_pattern(privacy, round_index, max_participations, min_separation, scheme)
+  event = privacy.event(_first_supported(privacy, (ZERO_OUT, REPLACE_ONE), scheme))
+  return event if round_index == 0 else dp_accounting.NoOpDpEvent()
+
+
+def _check_pattern(privacy: RoundPrivacy, round_index: int, max_participations: int,
+                   min_separation: int, scheme: str) -> None:
+  """Refuses a (k, b) pattern a whole-run mechanism was not calibrated for, or a round past it."""
+  k_required, b_required = privacy.participation
+  if max_participations > k_required or min_separation < b_required:
+    raise ValueError(
+        f"{privacy.description or 'the mechanism'} requires each user in at most k={k_required}"
+        f" of its {privacy.rounds_per_event} rounds, any two at least b={b_required} apart, but "
+        f"{scheme} gives k={max_participations} participations b={min_separation} apart")
+  if round_index >= privacy.rounds_per_event:
+    raise ValueError(f"{privacy.description or 'the mechanism'} is calibrated for a run of "
+                     f"{privacy.rounds_per_event} rounds; round {round_index + 1} is past it: run "
+                     "at most that many rounds, or build the mechanism for the run's length")
+
+
+class _MinSeparated(_NeverTruncated):
+  """Accounting of schemes whose public schedule keeps a user's participations >= b rounds apart.
+
+  The schedule never depends on the data, so the relation is zero-out and
+  a truncated cohort costs nothing (both neighbours drop the same clients);
+  see `_separated_round_event`.
+  """
+  min_separation: int
+
+  def max_participations(self, rounds: int) -> int:
+    """k = ceil(rounds / b): most participations of one user in `rounds` rounds."""
+    return -(-check_int("rounds", rounds, 1) // self.min_separation)
+
+  def relation(self, privacy: RoundPrivacy):
+    return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
+
+  def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
+                  ) -> dp_accounting.DpEvent:
+    """The DpEvent of round `round_index` (0-based); the same under either accountant."""
+    round_index = check_int("round_index", round_index, 0)
+    _check_accountant(accountant)
+    return _separated_round_event(privacy, round_index,
+                                  self.max_participations(privacy.rounds_per_event),
+                                  self.min_separation, repr(self))
+
+
 @dataclasses.dataclass(frozen=True)
-class Cyclic(_ExactCohorts):
+class Cyclic(_MinSeparated, _ExactCohorts):
   """A fixed seeded partition into b = N // K groups of K clients; round r uses group r mod b.
 
   Each user takes part exactly every b rounds, so in a run of R rounds at
   most k = ceil(R / b) times, any two b apart: the (k, b)-participation of
   multi-epoch matrix factorization (Choquette-Choo et al. 2023). The
   partition is public given the seed, so the relation is zero-out and no
-  amplification is claimed. A mechanism whose event covers the whole run
-  (`RoundPrivacy.participation` = its required (k, b), rounds_per_event = R)
-  is charged once, at round 0, after checking k <= its k and b >= its b; a
-  run longer than R rounds is refused. A one-round mechanism is charged its
-  own event once per cycle of b rounds, at the cycle's first round (each
-  user takes part once per cycle): an upper bound at every round boundary,
-  as for `ShuffledEpochs`, and the same epsilon as the identity strategy
-  (independent noise) accounted as one Gaussian mechanism over k rounds.
+  amplification is claimed (`_separated_round_event`).
   """
   num_clients: int
   cohort_size: int
@@ -430,54 +510,172 @@ class Cyclic(_ExactCohorts):
     """b: rounds between two participations of a user, N // K."""
     return self.num_clients // self.cohort_size
 
-  def max_participations(self, rounds: int) -> int:
-    """k = ceil(rounds / b): most participations of one user in `rounds` rounds."""
-    return -(-check_int("rounds", rounds, 1) // self.min_separation)
-
   def sampler(self, seed: int) -> CyclicSampler:
     return CyclicSampler(self.num_clients, self.cohort_size, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BallsInBins(_MinSeparated):
+  """Each user is put in one of b bins uniformly at random (seeded); round r runs bin r mod b.
+
+  Every user takes part exactly every b rounds; cohort sizes vary
+  (Binomial(N, 1 / b)) and the capacity is the largest bin, so nothing is
+  truncated. Accounting: the bound actually used is the (k, b) one of
+  `_separated_round_event` (no amplification). Balls-in-bins sampling does
+  amplify: Chua et al. 2025 ("Balls-and-Bins Sampling for DP-SGD") estimate
+  its epsilon by Monte Carlo and Feldman & Shenfeld 2025 bound it
+  ("Privacy Amplification by Random Allocation");
+  `privacy.balls_in_bins.monte_carlo_epsilon` gives the estimate with its
+  confidence interval for reference, never charged.
+  """
+  num_clients: int
+  num_bins: int
+  name = "balls_in_bins"
+
+  def __post_init__(self):
+    BallsInBinsSampler(self.num_clients, self.num_bins, 0)
+
+  @property
+  def min_separation(self) -> int:
+    return self.num_bins
+
+  @property
+  def expected_cohort_size(self) -> float:
+    return self.num_clients / self.num_bins
+
+  @property
+  def sampling_rate(self) -> float:
+    return 1 / self.num_bins
+
+  def sampler(self, seed: int) -> BallsInBinsSampler:
+    return BallsInBinsSampler(self.num_clients, self.num_bins, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinSeparation(_MinSeparated):
+  """b-min-sep: each round, each user who took no part in the last b - 1 rounds joins with probability p.
+
+  Any two participations of a user are at least b apart
+  (`MinSeparationSampler`, warm-started so the expected cohort is
+  N / (b - 1 + 1 / p) from round 0). Accounting: the (k, b) bound of
+  `_separated_round_event`, with no amplification claimed: the amplified
+  analysis of b-min-sep is Monte Carlo only (arXiv:2602.09338). Pair it
+  with a matrix-factorization mechanism built for min_separation = b.
+  """
+  num_clients: int
+  min_separation: int
+  sampling_rate: float
+  name = "min_separation"
+
+  def __post_init__(self):
+    MinSeparationSampler(self.num_clients, self.min_separation, self.sampling_rate, 0)
+
+  @property
+  def expected_cohort_size(self) -> float:
+    return self.num_clients / (self.min_separation - 1 + 1 / self.sampling_rate)
+
+  def sampler(self, seed: int) -> MinSeparationSampler:
+    return MinSeparationSampler(self.num_clients, self.min_separation, self.sampling_rate, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicPoisson:
+  """Cyclic Poisson: b fixed seeded groups of N // b; round r Poisson-samples group r mod b at q.
+
+  q = expected_cohort_size / (N // b). Each user is eligible once every b
+  rounds and Poisson-sampled when eligible: the sampling of amplified BandMF
+  (Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta & Xu 2023,
+  "(Amplified) Banded Matrix Factorization", Thm. 4). Relation: zero-out
+  (the partition is public given the seed). Accounting, charged at the
+  first round of each cycle of b rounds:
+
+  - a one-round central mechanism (e.g. `dp_mean`):
+    `PoissonSampled(q, event)`, once per cycle;
+  - a banded MF mechanism whose bands fit in a cycle
+    (`RoundPrivacy.banded` = (bands, sigma_1), bands <= b): amplified BandMF,
+    `PoissonSampled(q, Gaussian(sigma_1))` once per cycle, sigma_1 the noise
+    relative to one participation's sensitivity (the strategy's largest
+    column norm): jax_privacy's `amplified_bandmf_event`;
+  - any other MF mechanism (BLT, BISR, dense, more bands than b): the
+    (k, b) bound without amplification (`_separated_round_event`);
+  - a mechanism that sampling does not amplify (local DP): its event once
+    per cycle.
+
+  Truncation to the capacity is charged to delta where amplification is
+  claimed (`charged_overflow_probability`, the argument of
+  `privacy.truncation.overflow_delta`); where it is not, both neighbours
+  drop the same clients and nothing is charged.
+  """
+  num_clients: int
+  num_groups: int
+  expected_cohort_size: float
+  capacity: int | None = None
+  name = "cyclic_poisson"
+
+  def __post_init__(self):
+    check_int("num_groups", self.num_groups, 1)
+    check_positive("expected_cohort_size", self.expected_cohort_size)
+    if self.expected_cohort_size > self.num_clients // self.num_groups:
+      raise ValueError(f"expected_cohort_size ({self.expected_cohort_size}) must be <= the group "
+                       f"size num_clients // num_groups ({self.num_clients // self.num_groups})")
+    self.sampler(0)
+
+  @property
+  def min_separation(self) -> int:
+    return self.num_groups
+
+  @property
+  def sampling_rate(self) -> float:
+    """q: the probability that an eligible user joins its group's round."""
+    return self.expected_cohort_size / (self.num_clients // self.num_groups)
+
+  def max_participations(self, rounds: int) -> int:
+    return -(-check_int("rounds", rounds, 1) // self.num_groups)
+
+  def sampler(self, seed: int) -> CyclicPoissonSampler:
+    return CyclicPoissonSampler(self.num_clients, self.num_groups, self.sampling_rate, seed,
+                                self.capacity)
 
   def relation(self, privacy: RoundPrivacy):
     return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
 
+  def _amplified(self, privacy: RoundPrivacy) -> bool:
+    if privacy.participation is None:
+      return privacy.amplified_by_sampling and privacy.rounds_per_event == 1
+    return privacy.banded is not None and privacy.banded[0] <= self.num_groups
+
   def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
                   ) -> dp_accounting.DpEvent:
-    """The DpEvent of round `round_index` (0-based); the same under either accountant.
-
-    Raises:
-      ValueError: a multi-round mechanism without a (k, b) requirement, a
-        participation pattern the mechanism's (k, b) does not cover (naming
-        both), or a round past the mechanism's run.
-    """
+    """The DpEvent of round `round_index` (0-based); the same under either accountant."""
     round_index = check_int("round_index", round_index, 0)
     _check_accountant(accountant)
-    rounds = privacy.rounds_per_event
-    description = privacy.description or "the mechanism"
+    if not self._amplified(privacy):
+      return _separated_round_event(privacy, round_index,
+                                    self.max_participations(privacy.rounds_per_event),
+                                    self.num_groups, repr(self))
+    self.relation(privacy)
     if privacy.participation is None:
-      if rounds == 1:
-        # Every user takes part once per cycle of b rounds: charging the
-        # event at each cycle's first round bounds every round boundary.
-        if round_index % self.min_separation:
-          return dp_accounting.NoOpDpEvent()
-        return privacy.event(self.relation(privacy))
-      raise ValueError(f"{description} accounts {rounds} rounds per event with each user at most "
-                       "once in them; use ShuffledEpochs with epochs of that many rounds")
-    k_required, b_required = privacy.participation
-    k, b = self.max_participations(rounds), self.min_separation
-    if k > k_required or b < b_required:
-      raise ValueError(
-          f"{description} requires each user in at most k={k_required} of its {rounds} rounds, "
-          f"any two at least b={b_required} apart, but Cyclic({self.num_clients}, "
-          f"{self.cohort_size}) gives k={k} participations b={b} apart")
-    if round_index >= rounds:
-      raise ValueError(f"{description} is calibrated for a run of {rounds} rounds; round "
-                       f"{round_index + 1} is past it: run at most {rounds} rounds, or build the "
-                       "mechanism for the run's length")
-    event = privacy.event(self.relation(privacy))
-    return event if round_index == 0 else dp_accounting.NoOpDpEvent()
+      event = privacy.event(self.relation(privacy))
+    else:
+      # The (k, b) the noise was calibrated for must still hold.
+      _check_pattern(privacy, round_index, self.max_participations(privacy.rounds_per_event),
+                     self.num_groups, repr(self))
+      event = dp_accounting.GaussianDpEvent(privacy.banded[1])
+    if round_index % self.num_groups:
+      return dp_accounting.NoOpDpEvent()
+    return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, event)
+
+  def charged_overflow_probability(self, privacy: RoundPrivacy, accountant: str = "rdp"
+                                   ) -> float:
+    """P[Binomial(N // b, q) > capacity] where amplification is claimed, else 0."""
+    _check_accountant(accountant)
+    if not self._amplified(privacy):
+      return 0.0
+    return self.sampler(0).overflow_probability_per_round
 
 
-Participation = Full | FixedSize | Poisson | ShuffledEpochs | Cyclic
+Participation = (Full | FixedSize | Poisson | ShuffledEpochs | Cyclic | CyclicPoisson | BallsInBins
+                 | MinSeparation)
 
 
 def neighbouring(participation: Participation, privacy: RoundPrivacy | None) -> str:
@@ -490,4 +688,5 @@ def neighbouring(participation: Participation, privacy: RoundPrivacy | None) -> 
   return words
 
 
-__all__ = ["Cyclic", "Full", "FixedSize", "Participation", "Poisson", "ShuffledEpochs", "neighbouring"]
+__all__ = ["BallsInBins", "Cyclic", "CyclicPoisson", "Full", "FixedSize", "MinSeparation",
+           "Participation", "Poisson", "ShuffledEpochs", "neighbouring"]
