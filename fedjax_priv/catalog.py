@@ -56,7 +56,8 @@ def models() -> list[Entry]:
 
 
 def mechanisms() -> list[Entry]:
-  """privacy.unit choices (the config), then the aggregators the open API composes."""
+  """privacy.unit and privacy.noise choices (the config), then the aggregators the open API
+  composes."""
   return [
       Entry("none", "privacy.unit = none: FedAvg, no privacy claim"),
       Entry("user", "privacy.unit = user: DP-FedAvg, each client's update clipped to "
@@ -66,6 +67,18 @@ def mechanisms() -> list[Entry]:
             "(Abadi et al. 2016); one example is the unit"),
       Entry("both", "privacy.unit = both: DP-SGD in clients and DP-FedAvg at the server, "
             "each level accounted and reported"),
+      Entry("independent", "privacy.noise = independent (default): fresh Gaussian noise every "
+            "round (dp_mean), any simulation.sampling"),
+      Entry("banded_mf", "privacy.noise = banded_mf: BandMF correlated noise, privacy.mf_bands "
+            "bands optimised for the run (Choquette-Choo et al. 2023); simulation.sampling = "
+            "cyclic, cyclic_poisson (amplified BandMF when mf_bands <= b), balls_in_bins or "
+            "min_separation"),
+      Entry("blt", "privacy.noise = blt: buffered-linear-Toeplitz correlated noise, "
+            "privacy.blt_buffers buffers (McMahan, Xu & Zhang 2024); simulation.sampling = "
+            "cyclic, cyclic_poisson, balls_in_bins or min_separation"),
+      Entry("tree", "privacy.noise = tree: DP-FTRL tree noise (Kairouz et al. 2021), one tree "
+            "per run under cyclic (or another separated) sampling, one per epoch under "
+            "shuffled_epochs"),
       Entry("privacy.transforms", "chain(clip_l2 | clip_l2_per_layer | clip_l1, sum_units, "
             "gaussian | laplace, mean): your own mechanism, accounted from its stages"),
       Entry("privacy.adaptive_clipping", "adaptive clip norm at a target quantile "

@@ -98,6 +98,12 @@ class PrivacyConfig:
   example_target_epsilon: float = 0.0
   delta: float = 1e-5
   accountant: str = "rdp"           # rdp | pld
+  # User-level noise: independent (dp_mean, DP-FedAvg) | banded_mf | blt | tree
+  # (correlated noise, DP-FTRL; `experiment.user_aggregator_factory` says what each runs).
+  # Correlated noise needs simulation.sampling = cyclic (tree: or shuffled_epochs).
+  noise: str = "independent"
+  mf_bands: int = 0                 # banded_mf: bands of C; 0: b = N // K rounds (capped at rounds)
+  blt_buffers: int = 4              # blt: buffers of C
   epsilon_budget: float = 0.0       # > 0: train only the rounds whose epsilon stays within it
   # Accept a delta_total (delta + the truncation term of Poisson sampling) above
   # delta: without it, the budget stops before delta_total passes delta and a
@@ -115,7 +121,15 @@ class SimulationConfig:
   client_chunk_size: int = 64
   rounds: int = 100
   cohort_size: int = 10             # expected cohort size under poisson sampling
-  sampling: str = "fixed"           # fixed (uniform w/o replacement) | poisson
+  # fixed (uniform w/o replacement) | poisson | cyclic (fixed groups of K in
+  # turn, every N // K rounds) | shuffled_epochs (each client once per epoch) |
+  # cyclic_poisson (b fixed groups in turn, each Poisson-sampled) |
+  # balls_in_bins (each client in one random bin of b, bins in turn) |
+  # min_separation (Poisson among clients absent for the last b - 1 rounds).
+  sampling: str = "fixed"
+  # b of cyclic_poisson, balls_in_bins and min_separation: rounds between two
+  # participations of a client; 0: num_clients // cohort_size.
+  min_separation: int = 0
   seed: int = 0
   eval_every: int = 10
   checkpoint_every: int = 0         # 0: only at the end (and by checkpoint_seconds)
@@ -150,21 +164,34 @@ CHOICES = {
     "server.schedule": ("constant", "cosine"),
     "privacy.unit": ("none", "user", "example", "both"),
     "privacy.accountant": ("rdp", "pld"),
+    "privacy.noise": ("independent", "banded_mf", "blt", "tree"),
     "privacy.weighting": ("num_examples", "uniform"),
     "simulation.backend": ("vmap", "chunked", "loop"),
-    "simulation.sampling": ("fixed", "poisson"),
+    "simulation.sampling": ("fixed", "poisson", "cyclic", "shuffled_epochs", "cyclic_poisson",
+                            "balls_in_bins", "min_separation"),
     "simulation.straggler_policy": ("drop", "partial"),
 }
+# privacy.noise -> the simulation.sampling values whose participation can
+# account it; independent noise runs with every sampling. A matrix
+# factorization's event covers the whole run, with each user in at most k
+# rounds any two at least b apart: only cyclic guarantees that. The tree is
+# one such factorization under cyclic, and DP-FTRL's tree restarted every
+# epoch under shuffled_epochs (each user at most once per tree). A new
+# sampling scheme that guarantees either pattern is added here.
+# Schemes that keep a client's participations >= b rounds apart (a (k, b) pattern).
+SEPARATED_SAMPLING = ("cyclic", "cyclic_poisson", "balls_in_bins", "min_separation")
+NOISE_SAMPLING = {"banded_mf": SEPARATED_SAMPLING, "blt": SEPARATED_SAMPLING,
+                  "tree": SEPARATED_SAMPLING + ("shuffled_epochs",)}
 # simulation.log_to: where per-round metrics go (`metric_writers`).
 LOG_SINKS = ("csv", "tensorboard", "wandb", "mlflow")
 POSITIVE = ("data.num_clients", "data.dirichlet_alpha", "client.learning_rate",
             "client.local_steps", "client.batch_size", "server.learning_rate",
             "privacy.clip_norm", "privacy.example_clip_norm", "simulation.client_chunk_size",
             "simulation.rounds", "simulation.cohort_size", "simulation.eval_every",
-            "server.adaptivity")
+            "server.adaptivity", "privacy.blt_buffers")
 NON_NEGATIVE = ("privacy.noise_multiplier", "privacy.target_epsilon", "client.proximal_mu",
                 "privacy.example_noise_multiplier", "privacy.example_target_epsilon",
-                "privacy.epsilon_budget",
+                "privacy.epsilon_budget", "privacy.mf_bands", "simulation.min_separation",
                 "simulation.checkpoint_every", "simulation.checkpoint_seconds",
                 "simulation.seed", "data.seed")
 
@@ -320,6 +347,7 @@ def validate(config: Config, population_known: bool | None = None) -> None:
     raise ConfigError(f"simulation.cohort_size ({config.simulation.cohort_size}) must be <= "
                       f"data.num_clients ({config.data.num_clients})")
   privacy, sim = config.privacy, config.simulation
+  _check_min_separation(config, population_known)
   if not 0 <= sim.straggler_fraction < 1:
     raise ConfigError(f"simulation.straggler_fraction must be in [0, 1), got "
                       f"{sim.straggler_fraction!r}")
@@ -346,12 +374,66 @@ def validate(config: Config, population_known: bool | None = None) -> None:
   if privacy.unit != "both" and privacy.example_target_epsilon > 0:
     raise ConfigError("privacy.example_target_epsilon is the example level of privacy.unit = "
                       f"both, got unit = {privacy.unit}")
+  _check_noise(config)
   # Before a store's size is known, a fixed cohort is taken to be partial.
   partial_fixed = sim.sampling == "fixed" and (not population_known
                                                or sim.cohort_size < config.data.num_clients)
   if privacy.fixed_as_poisson and (privacy.unit not in ("user", "both") or not partial_fixed):
     raise ConfigError("privacy.fixed_as_poisson applies to user-level privacy with fixed-size "
                       "cohorts smaller than the population (simulation.sampling = fixed)")
+
+
+def min_separation(config: Config, num_clients: int) -> int:
+  """b of the separated samplings: simulation.min_separation, or num_clients // cohort_size."""
+  return config.simulation.min_separation or num_clients // config.simulation.cohort_size
+
+
+def _check_min_separation(config: Config, population_known: bool) -> None:
+  sim = config.simulation
+  uses_b = ("cyclic_poisson", "balls_in_bins", "min_separation")
+  if sim.min_separation and sim.sampling not in uses_b:
+    raise ConfigError(f"simulation.min_separation applies to simulation.sampling = "
+                      f"{' | '.join(uses_b)}, got sampling = {sim.sampling}")
+  if not population_known or sim.sampling not in uses_b:
+    return
+  n, m = config.data.num_clients, sim.cohort_size
+  b = min_separation(config, n)
+  if not 1 <= b <= n:
+    raise ConfigError(f"simulation.min_separation = {b} must be in [1, data.num_clients = {n}]")
+  # cyclic_poisson samples an expected m of each group of N // b; min_separation's rate
+  # p = 1 / (N / m - b + 1) must be <= 1.
+  if sim.sampling in ("cyclic_poisson", "min_separation") and b * m > n:
+    raise ConfigError(f"simulation.min_separation ({b}) x simulation.cohort_size ({m}) must be "
+                      f"<= data.num_clients ({n}): {sim.sampling} cannot fill cohorts of {m} "
+                      f"when a client takes part at most once in {b} rounds")
+
+
+def _check_noise(config: Config) -> None:
+  """privacy.noise needs the user level, a sampling that accounts it (`NOISE_SAMPLING`), an
+  accountant that handles its event, and strategy parameters that fit the run."""
+  privacy, sim = config.privacy, config.simulation
+  if privacy.mf_bands > sim.rounds:
+    raise ConfigError(f"privacy.mf_bands ({privacy.mf_bands}) must be <= simulation.rounds "
+                      f"({sim.rounds}): a strategy has at most one band per round")
+  if privacy.noise == "independent":
+    return
+  if privacy.unit not in ("user", "both"):
+    raise ConfigError(f"privacy.noise = {privacy.noise} is user-level noise and needs "
+                      f"privacy.unit = user or both, got {privacy.unit}")
+  allowed = NOISE_SAMPLING[privacy.noise]
+  if sim.sampling not in allowed:
+    needs = ("each user in a fixed pattern of rounds, or at most once per tree"
+             if privacy.noise == "tree" else
+             "each user in at most k of the run's rounds, any two at least b apart")
+    raise ConfigError(
+        f"privacy.noise = {privacy.noise} cannot be accounted with simulation.sampling = "
+        f"{sim.sampling} (its event needs {needs}): use simulation.sampling = "
+        f"{' or '.join(allowed)}")
+  if privacy.noise == "tree" and sim.sampling == "shuffled_epochs" and privacy.accountant == "pld":
+    raise ConfigError("privacy.noise = tree with simulation.sampling = shuffled_epochs is "
+                      "DP-FTRL's tree restarted every epoch, whose event only "
+                      "privacy.accountant = rdp can account: set it, or use "
+                      "simulation.sampling = cyclic")
 
 
 def _check_float32(key: str, value: float | None) -> None:
@@ -385,7 +467,9 @@ def check_sizes(config: Config, example_bytes: int = 4, param_bytes: int | None 
     [cohort_size, local_steps, batch_size] examples;
   * the model and one update per client vmapped together (a chunk under
     the chunked backend, the cohort under vmap, one client under loop);
-  * the population's per-client sizes and offsets (`data.num_clients`).
+  * the population's per-client sizes and offsets (`data.num_clients`);
+  * under privacy.noise = tree with cyclic sampling, the dense strategy
+    matrix (simulation.rounds squared) and its inverse.
 
   Args:
     config: the config.
@@ -416,6 +500,10 @@ def check_sizes(config: Config, example_bytes: int = 4, param_bytes: int | None 
       ("data.num_clients", config.data.num_clients * 24,
        "for the population's client sizes, offsets and ids"),
   ]
+  if config.privacy.noise == "tree" and sim.sampling in SEPARATED_SAMPLING:
+    needs.append(("simulation.rounds", 16 * sim.rounds ** 2,
+                  "for the tree strategy's dense rounds x rounds matrix and its inverse "
+                  "(float64)"))
   for key, need, what in needs:
     if need > MEMORY_LIMIT_BYTES:
       raise ConfigError(f"{key} = {get(config, key)!r:.60} would need {_format_bytes(need)} "

@@ -29,13 +29,16 @@ from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
 from fedjax_priv.algorithms.stragglers import with_stragglers
 from fedjax_priv.checks import check_delta, check_int
-from fedjax_priv.config import Config
+from fedjax_priv.config import Config, min_separation
 from fedjax_priv.data import FederatedDataset, federated_digits
 from fedjax_priv.data.population import ClientSource
 from fedjax_priv.data.sampling import poisson_capacity, poisson_overflow_probability
 from fedjax_priv.models import Model, cnn, logistic_regression, mlp, tanh_cnn
 from fedjax_priv.privacy import accounting
+from fedjax_priv.privacy import matrix_factorization as mf
 from fedjax_priv.privacy.aggregation import Aggregator, dp_mean, weighted_mean
+from fedjax_priv.privacy.dp_ftrl import dp_ftrl_aggregator
+from fedjax_priv.privacy.mf_aggregator import mf_mean
 from fedjax_priv.privacy.ledger import PrivacyLedger
 from fedjax_priv.simulation import participation as participation_lib
 from fedjax_priv.simulation.participation import Participation
@@ -47,6 +50,9 @@ from fedjax_priv.simulation.round import BACKENDS, RoundFn, build_round
 BATCH_OVERFLOW_PROBABILITY = 1e-12
 
 EXAMPLE_RELATION = "add/remove one example of one client's dataset"
+
+# Heavy-ball momentum of the optimizers a config names "momentum".
+MOMENTUM = 0.9
 
 
 class PrivacyPlan(NamedTuple):
@@ -362,7 +368,7 @@ def make_optimizer(name: str, learning_rate: Any,
   eps = {} if adaptivity is None else {"eps": adaptivity}
   return {
       "sgd": lambda: optax.sgd(learning_rate),
-      "momentum": lambda: optax.sgd(learning_rate, momentum=0.9),
+      "momentum": lambda: optax.sgd(learning_rate, momentum=MOMENTUM),
       "adam": lambda: optax.adam(learning_rate, **eps),
       "yogi": lambda: optax.yogi(learning_rate, **eps),
       "adagrad": lambda: optax.adagrad(learning_rate, **eps),
@@ -380,15 +386,158 @@ def _model(config: Config, input_shape, num_classes) -> Model:
   return cnn(input_shape, num_classes, conv_impl=config.model.conv_impl)
 
 
-def participation_of(config: Config, num_clients: int) -> Participation:
-  """The participation simulation.sampling and cohort_size name (a cohort of all is `Full`)."""
-  sim = config.simulation
-  if sim.sampling == "poisson":
-    return participation_lib.Poisson(num_clients, float(sim.cohort_size))
-  if sim.cohort_size == num_clients:
+def _fixed(config: Config, num_clients: int) -> Participation:
+  cohort_size = config.simulation.cohort_size
+  if cohort_size == num_clients:
     return participation_lib.Full(num_clients)
-  return participation_lib.FixedSize(num_clients, sim.cohort_size,
+  return participation_lib.FixedSize(num_clients, cohort_size,
                                      account_as_poisson=config.privacy.fixed_as_poisson)
+
+
+# simulation.sampling -> (config, num_clients) -> its participation. A new
+# scheme adds an entry here and its name to config.CHOICES (and, if it can
+# account correlated noise, to config.NOISE_SAMPLING).
+PARTICIPATIONS: dict[str, Callable[[Config, int], Participation]] = {
+    "fixed": _fixed,
+    "poisson": lambda config, n: participation_lib.Poisson(
+        n, float(config.simulation.cohort_size)),
+    "cyclic": lambda config, n: participation_lib.Cyclic(n, config.simulation.cohort_size),
+    "shuffled_epochs": lambda config, n: participation_lib.ShuffledEpochs(
+        n, config.simulation.cohort_size),
+    "cyclic_poisson": lambda config, n: participation_lib.CyclicPoisson(
+        n, min_separation(config, n), float(config.simulation.cohort_size)),
+    "balls_in_bins": lambda config, n: participation_lib.BallsInBins(n, min_separation(config, n)),
+    # The rate p that gives an expected cohort of K: N / (b - 1 + 1 / p) = K.
+    "min_separation": lambda config, n: participation_lib.MinSeparation(
+        n, min_separation(config, n),
+        1 / (n / config.simulation.cohort_size - min_separation(config, n) + 1)),
+}
+
+
+def participation_of(config: Config, num_clients: int) -> Participation:
+  """The participation simulation.sampling and cohort_size name (`PARTICIPATIONS`).
+
+  fixed: `FixedSize(N, K)`, or `Full(N)` for a cohort of all; poisson:
+  `Poisson(N, K)` (K expected); cyclic: `Cyclic(N, K)`; shuffled_epochs:
+  `ShuffledEpochs(N, K)`; with b = simulation.min_separation (0: N // K):
+  cyclic_poisson: `CyclicPoisson(N, b, K)`; balls_in_bins: `BallsInBins(N, b)`
+  (expected cohort N / b); min_separation: `MinSeparation(N, b, p)` with p
+  such that the expected cohort is K.
+  """
+  return PARTICIPATIONS[config.simulation.sampling](config, num_clients)
+
+
+def mf_workload(config: Config) -> mf.Workload:
+  """The workload A the server applies to the noisy updates, for simulation.rounds rounds.
+
+  Prefix sums (server SGD, the DP-FTRL workload), with heavy-ball momentum
+  `MOMENTUM` under server.optimizer = momentum. Adaptive server optimizers
+  are not linear and a cosine schedule is left out (it would make the
+  optimisation O(rounds^2)): the strategy is then optimised for prefix sums.
+  Any strategy is private; the workload only decides which has least error.
+  """
+  momentum = MOMENTUM if config.server.optimizer == "momentum" else 0.0
+  return mf.Workload(config.simulation.rounds, momentum)
+
+
+def mf_bands(config: Config, participation: participation_lib.Separated) -> int:
+  """privacy.mf_bands, or where it is 0, b = N // K capped at simulation.rounds.
+
+  With at most b bands the sensitivity under (k, b)-participation is exact
+  for any coefficients (Choquette-Choo et al. 2023b), so the optimiser is
+  unconstrained.
+  """
+  return config.privacy.mf_bands or min(participation.min_separation, config.simulation.rounds)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimized_strategy(noise: str, workload: tuple[int, float], size: int, k: int, b: int
+                        ) -> mf.Strategy:
+  # In memory only: build, calibration and a sweep's points ask for the same
+  # strategy, and its optimisation takes seconds.
+  rounds, momentum = workload
+  if noise == "banded_mf":
+    return mf.optimize_banded_toeplitz(mf.Workload(rounds, momentum), size, k, b)
+  return mf.optimize_blt(mf.Workload(rounds, momentum), size, k, b)
+
+
+def mf_strategy(config: Config, participation: participation_lib.Separated) -> mf.Strategy:
+  """C of privacy.noise (banded_mf, blt or tree) for the run and the participation's (k, b).
+
+  banded_mf: `optimize_banded_toeplitz(mf_workload, mf_bands, k, b)` (BandMF,
+  Choquette-Choo et al. 2023; McKenna 2024); blt: `optimize_blt(mf_workload,
+  privacy.blt_buffers, k, b)` (McMahan, Xu & Zhang 2024); tree:
+  `binary_tree_strategy(rounds)` (Kairouz et al. 2021), not optimised.
+  k = ceil(rounds / b) and b = N // K (`Cyclic.max_participations`,
+  `min_separation`).
+  """
+  rounds, noise = config.simulation.rounds, config.privacy.noise
+  if noise == "tree":
+    return mf.binary_tree_strategy(rounds)
+  size = mf_bands(config, participation) if noise == "banded_mf" else config.privacy.blt_buffers
+  workload = mf_workload(config)
+  return _optimized_strategy(noise, (workload.n, workload.momentum), size,
+                             participation.max_participations(rounds),
+                             participation.min_separation)
+
+
+def user_aggregator_factory(config: Config, participation: Participation
+                            ) -> Callable[[Any, Any], Aggregator]:
+  """(clip_norm, noise_multiplier) -> the user-level aggregator privacy.noise names.
+
+  The strategy is built once, here; the returned function takes plain or
+  traced numbers (a sweep vmaps over them). privacy.noise_multiplier is the
+  sigma of the mechanism's own event:
+
+  - independent: `dp_mean` (DP-FedAvg, McMahan et al. 2018), N(0, sigma^2 C^2)
+    on every round's sum, accounted by the participation round by round.
+  - banded_mf, blt, tree under cyclic sampling: `mf_mean` with `mf_strategy`
+    for the run's rounds and Cyclic's (k, b): the whole run is one
+    `GaussianDpEvent(sigma)` (noise sigma C sens(C)), zero-out relation.
+    The tree is the binary-tree strategy over the whole run (no restarts),
+    so its multi-participation sensitivity applies.
+  - tree under shuffled_epochs: `dp_ftrl_aggregator` restarted every epoch
+    of N // K rounds (Kairouz et al. 2021, DP-FTRL with one participation
+    per epoch): sigma is each tree node's, the event
+    `SingleEpochTreeAggregationDpEvent(sigma, N // K)` once per epoch (RDP
+    only). ShuffledEpochs guarantees each user at most once per epoch, not
+    a (k, b) pattern, so it accounts this tree and refuses `mf_mean`.
+
+  The aggregator's description (the run's `mechanism` in summary.json)
+  starts with privacy.noise and its strategy parameters.
+
+  Raises:
+    ValueError: a combination config.validate refuses (`NOISE_SAMPLING`).
+  """
+  noise = config.privacy.noise
+  cohort = participation.expected_cohort_size
+  if noise == "independent":
+    return lambda clip_norm, sigma: dp_mean(clip_norm, sigma, cohort)
+  if isinstance(participation, participation_lib.ShuffledEpochs) and noise == "tree":
+    epoch = participation.rounds_per_epoch
+    return _labelled(f"tree (DP-FTRL restarted every epoch of {epoch} rounds)",
+                     lambda clip_norm, sigma: dp_ftrl_aggregator(clip_norm, sigma, cohort, epoch))
+  if not isinstance(participation, participation_lib.SEPARATED):
+    raise ValueError(f"privacy.noise = {noise} cannot be accounted with {participation.name} "
+                     "participation: use simulation.sampling = "
+                     f"{' | '.join(config_lib.SEPARATED_SAMPLING)}")
+  rounds = config.simulation.rounds
+  k, b = participation.max_participations(rounds), participation.min_separation
+  strategy = mf_strategy(config, participation)
+  label = {"banded_mf": f"banded_mf ({mf_bands(config, participation)} bands)",
+           "blt": f"blt ({config.privacy.blt_buffers} buffers)",
+           "tree": "tree (binary-tree strategy over the whole run)"}[noise]
+  return _labelled(label, lambda clip_norm, sigma: mf_mean(strategy, clip_norm, sigma, cohort,
+                                                          rounds, k, b))
+
+
+def _labelled(label: str, make: Callable[[Any, Any], Aggregator]
+              ) -> Callable[[Any, Any], Aggregator]:
+  def labelled(clip_norm, sigma):
+    aggregator = make(clip_norm, sigma)
+    return aggregator._replace(privacy=aggregator.privacy._replace(
+        description=f"{label}: {aggregator.privacy.description}"))
+  return labelled
 
 
 def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
@@ -409,11 +558,20 @@ def dp_sgd_batching(client_sizes: np.ndarray, expected_batch_size: float,
   return Batching(local_steps, capacity, "poisson", float(expected_batch_size), overflow)
 
 
-def _user_level(config: Config, participation: Participation, sigma: float) -> PrivacyPlan:
+def _with_mf_bands(config: Config, participation: Participation) -> Config:
+  """Under privacy.noise = banded_mf, privacy.mf_bands set to the bands that run (0 is b)."""
+  if config.privacy.noise != "banded_mf":
+    return config
+  return dataclasses.replace(config, privacy=dataclasses.replace(
+      config.privacy, mf_bands=mf_bands(config, participation)))
+
+
+def _user_level(config: Config, participation: Participation,
+                make_aggregator: Callable[[Any, Any], Aggregator], sigma: float) -> PrivacyPlan:
   clip_norm = config.privacy.clip_norm
-  aggregator = dp_mean(clip_norm, sigma, participation.expected_cohort_size)
-  return user_plan(aggregator, participation, config.privacy.accountant)._replace(clip_norm=clip_norm,
-                                                       noise_multiplier=float(sigma))
+  aggregator = make_aggregator(clip_norm, sigma)
+  return user_plan(aggregator, participation, config.privacy.accountant)._replace(
+      clip_norm=clip_norm, noise_multiplier=float(sigma))
 
 
 def _example_level(config: Config, train, batching: Batching, clip_norm: float,
@@ -436,13 +594,15 @@ def privacy_levels(config: Config, train: FederatedDataset | ClientSource,
                    ) -> tuple[PrivacyPlan, ...]:
   """One PrivacyPlan per accounted level (user first), sigma calibrated where a target is set.
 
-  Each plan is the plan of the mechanism built with the resolved sigma:
-  `dp_mean` under the config's participation, `ExampleDP` in every client.
+  Each plan is the plan of the mechanism built with the resolved sigma: the
+  user-level aggregator privacy.noise names (`user_aggregator_factory`)
+  under the config's participation, `ExampleDP` in every client.
   """
   privacy = config.privacy
   levels = []
   if privacy.unit in ("user", "both"):
-    make = functools.partial(_user_level, config, participation)
+    make = functools.partial(_user_level, config, participation,
+                             user_aggregator_factory(config, participation))
     levels.append(make(_resolved_sigma(make, privacy.noise_multiplier, privacy.target_epsilon,
                                        config)))
   example_clip = privacy.clip_norm if privacy.unit == "example" else privacy.example_clip_norm
@@ -533,7 +693,8 @@ def make_training(config: Config, model: Model, participation: Participation,
   client_update = make_client_update(model, client_optimizer, example_dp,
                                      proximal_mu=config.client.proximal_mu)
   if privacy.unit in ("user", "both"):
-    aggregator = dp_mean(hp.clip_norm, hp.noise_multiplier, participation.expected_cohort_size)
+    aggregator = user_aggregator_factory(config, participation)(hp.clip_norm,
+                                                                hp.noise_multiplier)
   else:
     # Example level alone: the server's mean is post-processing of DP-SGD outputs.
     aggregator = weighted_mean(privacy.weighting)
@@ -626,6 +787,7 @@ def build(config: Config) -> Experiment:
     num_classes = max(num_classes, *_store_num_classes(config.data.store))
   model = _model(config, train.feature_shape, num_classes)
   participation = participation_of(config, train.num_clients)
+  config = _with_mf_bands(config, participation)
   if privacy.unit in ("example", "both"):
     if int(train.client_sizes.min()) == 0:
       raise ValueError(f"privacy.unit = {privacy.unit} needs every client to hold at least one "

@@ -114,9 +114,10 @@ def _epsilon_curve(plan, settings, rounds: list[int], known: dict
   that differ only in learning rates or seeds share their epsilon, and
   composing the events is the slow part.
   """
-  # The sampling rate fixes the epoch length of schemes whose later rounds
-  # differ from round 0 (ShuffledEpochs, Cyclic: N // K rounds).
-  question = (plan.round_event, plan.sampling, plan.sampling_rate,
+  # The question holds every round's event, not round 0's alone: plans with
+  # the same first event may charge later rounds differently (independent
+  # noise under Cyclic once per cycle, a matrix factorization once per run).
+  question = (tuple(plan.event_at(r) for r in range(rounds[-1])),
               plan.overflow_probability_per_round, tuple(rounds), settings.delta,
               settings.accountant)
   if question not in known:

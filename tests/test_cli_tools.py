@@ -19,7 +19,7 @@ def test_version(capsys):
 def test_list_names_every_choice_with_parameter_counts(capsys):
   assert cli.main(["list"]) == 0
   printed = capsys.readouterr().out
-  for key in ("model.name", "privacy.unit", "data.dataset"):
+  for key in ("model.name", "privacy.unit", "privacy.noise", "data.dataset"):
     for choice in config_lib.CHOICES[key]:
       assert f"  {choice} " in printed, choice
   cnn = catalog.parameter_count(zoo.cnn((28, 28, 1), 10))

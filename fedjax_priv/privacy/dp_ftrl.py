@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -79,9 +80,10 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, expected_cohor
   """DP-FTRL tree aggregation of clipped client updates (Kairouz et al. 2021).
 
   Args:
-    clip_norm: C > 0, per-client L2 bound on the update.
+    clip_norm: C > 0, per-client L2 bound on the update (may be traced: a
+      sweep vmaps over it; its range is then checked on the host).
     noise_multiplier: sigma >= 0, std of each tree node's noise over C (0:
-      clipping only, which equals DP-FedAvg without noise).
+      clipping only, which equals DP-FedAvg without noise); may be traced.
     expected_cohort_size: M > 0, public denominator of the released sums.
     restart_every: rounds per tree (an epoch), >= 1; each client may take
       part in at most one round per epoch for the accounting to hold.
@@ -95,9 +97,12 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, expected_cohor
   Raises:
     ValueError: an argument out of range, named, before anything is traced.
   """
-  if not clip_norm > 0:
+  # Traced values (a sweep vmaps over them) are checked by the sweep, on the host.
+  concrete = (tree_util.is_concrete_number(clip_norm)
+              and tree_util.is_concrete_number(noise_multiplier))
+  if tree_util.is_concrete_number(clip_norm) and not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
-  if not noise_multiplier >= 0:
+  if tree_util.is_concrete_number(noise_multiplier) and not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
   if not expected_cohort_size > 0:
     raise ValueError(f"expected_cohort_size must be > 0, got {expected_cohort_size!r}")
@@ -138,10 +143,13 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, expected_cohor
 
   def event(relation):
     check_relation(relation, (ZERO_OUT,))
-    return dp_accounting.SingleEpochTreeAggregationDpEvent(float(noise_multiplier), restart_every)
+    # Traced values are accounted from the host's build of the same mechanism.
+    return dp_accounting.SingleEpochTreeAggregationDpEvent(
+        float(noise_multiplier) if concrete else math.nan, restart_every)
 
+  values = (f"clip_norm={clip_norm}, noise_multiplier={noise_multiplier}" if concrete
+            else "traced hyper-parameters")
   privacy = RoundPrivacy(
       event, (ZERO_OUT,), rounds_per_event=restart_every,
-      description=f"dp_ftrl(clip_norm={clip_norm}, noise_multiplier={noise_multiplier}, "
-      f"restart_every={restart_every})")
+      description=f"dp_ftrl({values}, restart_every={restart_every})")
   return Aggregator(init, clipping_prepare(clip_norm), finalize, privacy=privacy)

@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import dp_accounting
@@ -105,8 +106,9 @@ def mf_mean(strategy: mf.Strategy, clip_norm: float, noise_multiplier: float,
     strategy: C_s, a `matrix_factorization` strategy (BandedToeplitz for
       BandMF / BSR, InverseBandedToeplitz for BISR, BufferedToeplitz for BLT,
       DenseStrategy, e.g. `binary_tree_strategy(rounds)`); checked on the host.
-    clip_norm: C > 0, per-client L2 bound on the delta.
-    noise_multiplier: sigma >= 0 (0: clipping only, no privacy).
+    clip_norm: C > 0, per-client L2 bound on the delta (may be traced: a
+      sweep vmaps over it; its range is then checked on the host).
+    noise_multiplier: sigma >= 0 (0: clipping only, no privacy); may be traced.
     expected_cohort_size: M > 0, the public denominator.
     rounds: n >= 1, rounds of the run the noise is calibrated for; a run
       may not be longer (the participation refuses it).
@@ -128,14 +130,19 @@ def mf_mean(strategy: mf.Strategy, clip_norm: float, noise_multiplier: float,
     ValueError: an argument out of range, or a strategy of another size,
       named, before anything is traced.
   """
-  check_positive("clip_norm", clip_norm)
-  check_non_negative("noise_multiplier", noise_multiplier)
+  # Traced values (a sweep vmaps over them) are checked by the sweep, on the host.
+  concrete = (tree_util.is_concrete_number(clip_norm)
+              and tree_util.is_concrete_number(noise_multiplier))
+  if tree_util.is_concrete_number(clip_norm):
+    check_positive("clip_norm", clip_norm)
+  if tree_util.is_concrete_number(noise_multiplier):
+    check_non_negative("noise_multiplier", noise_multiplier)
   check_positive("expected_cohort_size", expected_cohort_size)
   rounds = check_int("rounds", rounds, 1)
   max_participations = check_int("max_participations", max_participations, 1)
   min_separation = check_int("min_separation", min_separation, 1)
   sens = mf_sensitivity(strategy, rounds, max_participations, min_separation)
-  noise_scale = float(noise_multiplier) * float(clip_norm) * sens.value
+  noise_scale = noise_multiplier * clip_norm * sens.value
   row_norms = jnp.asarray(_inverse_row_norms(strategy, rounds), jnp.float32)
 
   def init(params):
@@ -152,17 +159,21 @@ def mf_mean(strategy: mf.Strategy, clip_norm: float, noise_multiplier: float,
 
   def event(relation):
     check_relation(relation, (ZERO_OUT,))
-    return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+    # Traced values are accounted from the host's build of the same mechanism.
+    return dp_accounting.GaussianDpEvent(float(noise_multiplier) if concrete else math.nan)
 
   kind = type(strategy).__name__
   banded = _bands_and_largest_column(strategy, rounds)
   if banded is not None:
     # One participation moves the release C_s x by at most C times the largest column norm.
-    banded = (banded[0], float(noise_multiplier) * sens.value / banded[1])
+    sigma_1 = float(noise_multiplier) * sens.value / banded[1] if concrete else math.nan
+    banded = (banded[0], sigma_1)
+  values = (f"clip_norm={clip_norm}, noise_multiplier={noise_multiplier}" if concrete
+            else "traced hyper-parameters")
   privacy = RoundPrivacy(
       event, (ZERO_OUT,), amplified_by_sampling=False, rounds_per_event=rounds,
       participation=(max_participations, min_separation), banded=banded,
-      description=(f"mf_mean({kind}, clip_norm={clip_norm}, noise_multiplier={noise_multiplier}, "
+      description=(f"mf_mean({kind}, {values}, "
                    f"rounds={rounds}, k={max_participations}, b={min_separation}, "
                    f"sensitivity={sens.value:.6g} ({'exact' if sens.exact else 'upper bound'}))"))
   return Aggregator(init, clipping_prepare(clip_norm), finalize, privacy=privacy)

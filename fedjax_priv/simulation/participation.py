@@ -676,6 +676,10 @@ class CyclicPoisson:
 
 Participation = (Full | FixedSize | Poisson | ShuffledEpochs | Cyclic | CyclicPoisson | BallsInBins
                  | MinSeparation)
+# The schemes that keep a user's participations >= min_separation rounds apart, at most
+# max_participations(rounds) times: the (k, b) patterns matrix-factorization noise needs.
+SEPARATED = (Cyclic, CyclicPoisson, BallsInBins, MinSeparation)
+Separated = Cyclic | CyclicPoisson | BallsInBins | MinSeparation
 
 
 def neighbouring(participation: Participation, privacy: RoundPrivacy | None) -> str:
@@ -689,4 +693,4 @@ def neighbouring(participation: Participation, privacy: RoundPrivacy | None) -> 
 
 
 __all__ = ["BallsInBins", "Cyclic", "CyclicPoisson", "Full", "FixedSize", "MinSeparation",
-           "Participation", "Poisson", "ShuffledEpochs", "neighbouring"]
+           "Participation", "Poisson", "SEPARATED", "Separated", "ShuffledEpochs", "neighbouring"]
