@@ -8,7 +8,9 @@ Samplers return a ``Cohort`` of static length ``capacity`` (real clients
 first, then slots with index -1 and mask 0), so the device code compiles once.
 
 ``FixedSizeSampler`` draws exactly ``cohort_size`` clients uniformly without
-replacement. ``PoissonSampler`` includes each client independently with
+replacement; ``ShuffledEpochSampler``, ``CyclicSampler``,
+``CyclicPoissonSampler``, ``BallsInBinsSampler`` and ``MinSeparationSampler``
+keep each client's participations apart (their docstrings say how). ``PoissonSampler`` includes each client independently with
 probability ``q``, which is the sampling scheme that privacy amplification by
 Poisson subsampling analyses. Its realised cohort size is random, so it is
 truncated to ``capacity`` slots: when more than ``capacity`` clients are drawn
