@@ -15,9 +15,9 @@ L(x) = logsumexp_t((x_t - 1/2) / sigma^2) - log b, has no closed-form
 distribution, so delta(eps) = E[(1 - e^(eps - L))_+] is estimated by
 sampling, composed over the cycles by summing independent losses.
 
-The estimate is reported with an upper confidence bound (the relative
-entropy Chernoff bound for a mean of [0, 1]-valued samples, per order, the
-two orders union-bounded), never as a guarantee: the runner's ledger
+The estimate is reported with a confidence interval (the relative entropy
+Chernoff bound for a mean of [0, 1]-valued samples, per order and side,
+union-bounded), never as a guarantee: the runner's ledger
 charges balls in bins the proven bound without amplification (the
 mechanism's event once per cycle), and `BallsInBins`' docstring says so.
 Feldman & Shenfeld 2025 ("Privacy Amplification by Random Allocation")
@@ -42,16 +42,17 @@ class MonteCarloEpsilon(NamedTuple):
 
   Attributes:
     estimate: the smallest eps whose estimated delta(eps) <= delta.
-    upper: the smallest eps whose delta's upper confidence bound <= delta:
-      the mechanism is (upper, delta)-DP with probability >= `confidence`
-      over the sampling, not with certainty.
-    confidence: of `upper`, in (0, 1).
+    lower, upper: the smallest eps whose delta's lower (upper) confidence
+      bound is <= delta: [lower, upper] holds the true epsilon with
+      probability >= `confidence` over the sampling, not with certainty.
+    confidence: of the interval, in (0, 1).
     num_samples: per order (remove and add).
     bound_used: the epsilon of what the runner charges, the Gaussian
       mechanism once per cycle without amplification (a proven bound),
       under the PLD accountant.
   """
   estimate: float
+  lower: float
   upper: float
   confidence: float
   num_samples: int
@@ -84,24 +85,26 @@ def _kl(a: float, b: float) -> float:
   return out
 
 
-def _upper_confidence(mean: float, num_samples: int, alpha: float) -> float:
-  """The largest mu >= mean with num_samples kl(mean || mu) <= log(1 / alpha).
+def _confidence_bound(mean: float, num_samples: int, alpha: float, upper: bool) -> float:
+  """The farthest mu on one side of mean with num_samples kl(mean || mu) <= log(1 / alpha).
 
   For the mean of n independent [0, 1]-valued samples with expectation mu,
-  P[mean <= mu - t] <= exp(-n kl(mu - t || mu)) (Hoeffding 1963, Thm. 1), so
-  mu lies below this bound with probability >= 1 - alpha.
+  P[mean <= mu - t] <= exp(-n kl(mu - t || mu)) and likewise above
+  (Hoeffding 1963, Thm. 1), so mu lies within this bound with probability
+  >= 1 - alpha.
   """
   target = math.log(1 / alpha) / num_samples
-  low, high = mean, 1.0
-  if _kl(mean, 1 - 1e-15) <= target:
-    return 1.0
+  edge = 1.0 if upper else 0.0
+  if _kl(mean, min(max(edge, 1e-300), 1 - 1e-15)) <= target:
+    return edge
+  inside, outside = mean, edge
   for _ in range(100):
-    mid = (low + high) / 2
+    mid = (inside + outside) / 2
     if _kl(mean, mid) > target:
-      high = mid
+      outside = mid
     else:
-      low = mid
-  return high
+      inside = mid
+  return outside if upper else inside
 
 
 def _delta_means(losses_p: np.ndarray, losses_q: np.ndarray, epsilon: float
@@ -148,14 +151,14 @@ def monte_carlo_epsilon(noise_multiplier: float, num_bins: int, cycles: int, del
   rng = np.random.default_rng(seed)
   losses_p = _losses(noise_multiplier, num_bins, cycles, num_samples, rng, from_p=True)
   losses_q = _losses(noise_multiplier, num_bins, cycles, num_samples, rng, from_p=False)
-  alpha = (1 - confidence) / 2  # Union bound over the two orders.
+  alpha = (1 - confidence) / 4  # Union bound over two orders and two sides.
 
   def estimated(epsilon):
     return max(_delta_means(losses_p, losses_q, epsilon))
 
-  def upper(epsilon):
-    return max(_upper_confidence(m, num_samples, alpha)
-               for m in _delta_means(losses_p, losses_q, epsilon))
+  def bound(upper):
+    return lambda epsilon: max(_confidence_bound(m, num_samples, alpha, upper)
+                               for m in _delta_means(losses_p, losses_q, epsilon))
 
   def smallest_epsilon(delta_of):
     low, high = 0.0, max(1.0, 2 * bound_used)
@@ -169,8 +172,8 @@ def monte_carlo_epsilon(noise_multiplier: float, num_bins: int, cycles: int, del
         high = mid
     return high
 
-  return MonteCarloEpsilon(smallest_epsilon(estimated), smallest_epsilon(upper), confidence,
-                           num_samples, bound_used)
+  return MonteCarloEpsilon(smallest_epsilon(estimated), smallest_epsilon(bound(False)),
+                           smallest_epsilon(bound(True)), confidence, num_samples, bound_used)
 
 
 __all__ = ["MonteCarloEpsilon", "monte_carlo_epsilon"]

@@ -18,13 +18,14 @@ def test_one_bin_is_full_participation_and_the_estimate_finds_its_exact_epsilon(
   exact = _pld(dp_accounting.GaussianDpEvent(1.5), 3)
   result = monte_carlo_epsilon(1.5, 1, 3, DELTA, num_samples=50_000, seed=1)
   assert result.estimate == pytest.approx(exact, rel=0.03)
-  assert result.upper >= exact  # The confidence bound covers the truth.
+  assert result.lower <= exact <= result.upper  # The confidence interval covers the truth.
+  assert result.lower <= result.estimate <= result.upper
   assert result.bound_used == pytest.approx(exact, rel=1e-12)
 
 
 def test_bins_amplify_below_the_charged_bound_near_poisson():
   result = monte_carlo_epsilon(1.0, 10, 5, DELTA, num_samples=50_000, seed=2)
-  assert result.estimate <= result.upper < result.bound_used
+  assert result.lower <= result.estimate <= result.upper < result.bound_used
   assert result.bound_used == pytest.approx(_pld(dp_accounting.GaussianDpEvent(1.0), 5), rel=1e-12)
   # Chua et al. 2025 find balls in bins close to Poisson sampling at q = 1 / b.
   poisson = _pld(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 50)
