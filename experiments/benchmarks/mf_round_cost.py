@@ -34,15 +34,18 @@ order rotating), each carrying its own state from block to block:
 The coefficients are not optimised (BSR, a fixed BLT): a round's cost
 depends on p and m, not on the values.
 
---what-if-no-cond adds "independent [no cond]" and "BandMF p [no cond]":
-the same rounds with `simulation.round._finalize_in_own_kernels` (on CPU a
-`lax.cond` around the aggregator's finalize, so that XLA:CPU computes the
-noisy update once instead of once per consumer) replaced, while they are
-traced, by a plain call of finalize. XLA gives a conditional's outputs
+--what-if-update-cond adds "independent [update cond]" and "BandMF p
+[update cond]": the same rounds with `simulation.round._finalize_in_own_kernels`
+replaced, while they are traced, by a plain call of finalize whose update
+alone then passes through the `lax.cond`. The library puts the whole
+finalize inside that conditional on CPU (so that XLA:CPU computes the noisy
+update once, not once per consumer); XLA gives a conditional's outputs
 buffers of their own, so a state that finalize updates in place (BandMF's
 ring of past rows) is copied in full inside the conditional and again into
-the scan's carry; the count of those copies is printed. This is a measured
-what-if for `round.py`, not the library's behaviour.
+the scan's carry (the "state copies" column). With the update alone in the
+conditional the noisy update is still materialised once and the state is
+not copied. A measured proposal for `round.py`, not the library's
+behaviour.
 
 Also in the same process, after each repeat's blocks: the noise stream
 alone at the model's d (`mf.stream_next` jitted with its state donated, and
@@ -61,7 +64,7 @@ at every repeat and after: other jobs share the machine.
 Usage (from the repository root):
   PYTHONPATH=. python experiments/benchmarks/mf_round_cost.py [--hidden 1000] [--cohort 16]
       [--local-steps 4] [--batch-size 16] [--bands 64] [--buffers 4] [--block 4]
-      [--repeats 9] [--memory-bands 8,16,32,64] [--what-if-no-cond]
+      [--repeats 9] [--memory-bands 8,16,32,64] [--what-if-update-cond]
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ from fedjax_priv.privacy.noise import gaussian_like
 from fedjax_priv.simulation import round as round_module
 
 CLIP, SIGMA, FEATURES, CLASSES = 1.0, 1.0, 64, 10
-NO_COND = " [no cond]"
+UPDATE_COND = " [update cond]"
 
 
 def synthetic_clients(num_clients: int, per_client: int, seed: int = 0):
@@ -113,14 +116,17 @@ def state_bytes(tree) -> int:
 
 
 @contextlib.contextmanager
-def finalize_without_cond():
-  """While tracing: the round calls the aggregator's finalize directly, not inside a `lax.cond`."""
+def update_alone_in_cond():
+  """While tracing: finalize outside the round's `lax.cond`, only its update through it."""
 
-  def direct(aggregator, state, summed, total_weight, ctx):
-    return aggregator.finalize(state.aggregator_state, summed, total_weight, ctx)
+  def finalize(aggregator, state, summed, total_weight, ctx):
+    update, aggregator_state, stats = aggregator.finalize(state.aggregator_state, summed,
+                                                          total_weight, ctx)
+    same = lambda tree: tree
+    return jax.lax.cond(state.round >= 0, same, same, update), aggregator_state, stats
 
   library = round_module._finalize_in_own_kernels
-  round_module._finalize_in_own_kernels = direct
+  round_module._finalize_in_own_kernels = finalize
   try:
     yield
   finally:
@@ -130,8 +136,8 @@ def finalize_without_cond():
 class Contender:
   """One experiment, driven block by block through the runner's `_Trainer`."""
 
-  def __init__(self, exp: fp.Experiment, block: int, no_cond: bool):
-    self.exp, self.block, self.no_cond = exp, block, no_cond
+  def __init__(self, exp: fp.Experiment, block: int, update_cond: bool):
+    self.exp, self.block, self.update_cond = exp, block, update_cond
     self.trainer = runner._Trainer(exp)  # The runner's own data path, not a copy of it.
     init_key, self.rounds_key = jax.random.split(jax.random.key(exp.settings.seed))
     self.state = fp.server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
@@ -147,7 +153,7 @@ class Contender:
     jax.block_until_ready(self.state)
     first = self.next_round
     wall, cpu = time.perf_counter(), time.process_time()
-    with finalize_without_cond() if self.no_cond else contextlib.nullcontext():
+    with update_alone_in_cond() if self.update_cond else contextlib.nullcontext():
       cohorts = [self.exp.sampler.sample(r) for r in range(first, first + self.block)]
       keys = runner.round_keys(self.rounds_key, first, first + self.block)
       self.state, metrics = self.trainer.run(self.state, keys, cohorts)
@@ -164,7 +170,7 @@ class Contender:
     statically: a copy in each branch of a conditional counts twice
     although one branch runs.
     """
-    with finalize_without_cond() if self.no_cond else contextlib.nullcontext():
+    with update_alone_in_cond() if self.update_cond else contextlib.nullcontext():
       compiled = self.trainer.many_rounds.lower(self.state, self.trainer.population,
                                                 *self._inputs(0)).compile()
     rows = [leaf for leaf in jax.tree.leaves(self.state.aggregator_state) if leaf.ndim > 1]
@@ -183,7 +189,7 @@ class Setup(NamedTuple):
   rounds: int
 
 
-def make_contender(args, setup: Setup, aggregator, no_cond: bool = False) -> Contender:
+def make_contender(args, setup: Setup, aggregator, update_cond: bool = False) -> Contender:
   settings = fp.RunSettings(rounds=setup.rounds, eval_every=setup.rounds, backend="vmap",
                             log_to=())
   with warnings.catch_warnings():
@@ -191,7 +197,7 @@ def make_contender(args, setup: Setup, aggregator, no_cond: bool = False) -> Con
     exp = fp.assemble(setup.model, setup.train, setup.test, aggregator, setup.participation,
                       settings, client_optimizer=optax.sgd(0.05), local_steps=args.local_steps,
                       batch_size=args.batch_size)
-  return Contender(exp, args.block, no_cond)
+  return Contender(exp, args.block, update_cond)
 
 
 def bandmf_mean(bands: int, setup: Setup):
@@ -213,9 +219,10 @@ def build_contenders(args, setup: Setup) -> dict[str, Contender]:
   }
   contenders = {name: make_contender(args, setup, aggregator)
                 for name, aggregator in aggregators.items()}
-  if args.what_if_no_cond:
+  if args.what_if_update_cond:
     for name in ("independent", f"BandMF {args.bands}"):
-      contenders[name + NO_COND] = make_contender(args, setup, aggregators[name], no_cond=True)
+      contenders[name + UPDATE_COND] = make_contender(args, setup, aggregators[name],
+                                                          update_cond=True)
   return contenders
 
 
@@ -230,8 +237,8 @@ def main() -> None:
   parser.add_argument("--block", type=int, default=4, help="rounds per device call")
   parser.add_argument("--repeats", type=int, default=9, help="timed blocks per contender")
   parser.add_argument("--memory-bands", default="8,16,32,64")
-  parser.add_argument("--what-if-no-cond", action="store_true",
-                      help="also time independent and BandMF with finalize outside the lax.cond")
+  parser.add_argument("--what-if-update-cond", action="store_true",
+                      help="also time independent and BandMF with only the update in the lax.cond")
   args = parser.parse_args()
   memory_bands = [int(p) for p in args.memory_bands.split(",") if p]
   start = time.perf_counter()
@@ -302,7 +309,7 @@ def main() -> None:
   print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
   temps = {}
   for name in names:
-    base = "independent" + (NO_COND if name.endswith(NO_COND) else "")
+    base = "independent" + (UPDATE_COND if name.endswith(UPDATE_COND) else "")
     if name == base:
       overhead = spread = cpu_overhead = "-"
     else:
@@ -312,7 +319,7 @@ def main() -> None:
       spread = f"{min(pairs):.1f} to {max(pairs):.1f} %"
       cpu_median, cpu_base = statistics.median(cpu[name]), statistics.median(cpu[base])
       cpu_overhead = f"{100 * (cpu_median - cpu_base) / cpu_median:.1f} %"
-    stream_name = name.removesuffix(NO_COND)
+    stream_name = name.removesuffix(UPDATE_COND)
     stream = f"{statistics.median(stream_ms[stream_name]):.1f}" if stream_name in stream_ms else "-"
     temp, copies = temps[name] = contenders[name].analysis()
     print(f"| {name} | {min(wall[name]):.0f} | {statistics.median(wall[name]):.0f} | {overhead} | "
