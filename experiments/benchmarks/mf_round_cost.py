@@ -54,9 +54,9 @@ one independent `gaussian_like` draw), the calls `mf_strategies.py` times.
 Reported, per round (block time / --block): wall ms and process CPU ms
 (all threads; less disturbed than wall time by other jobs on a shared
 machine), min and median over repeats; the MF overhead
-(round_mf - round_independent) / round_mf from the minima (the run least
-disturbed by other jobs), from the medians (with its spread over the
-repeats' pairs) and from the CPU-time medians; the median of the stream
+(round_mf - round_independent) / round_mf of each repeat's pair of blocks
+(run seconds apart, so under about the same load), median and range over
+the repeats, by wall and by CPU time; the median of the stream
 alone; the aggregator state's bytes (the leaves of
 `ServerState.aggregator_state`); the compiled block's XLA temporary bytes
 and its copies of the state. Then, for p in --memory-bands, each BandMF p
@@ -305,33 +305,30 @@ def main() -> None:
     print(f"repeat {repeat + 1}/{args.repeats} (load {loads[-1]:.2f}): " + ", ".join(
         f"{name} {wall[name][-1]:.0f} ms" for name in names), flush=True)
 
-  print("\nper round; overhead = (round_mf - round_independent) / round_mf, from the minima, "
-        "from the medians (spread: each repeat's pair) and from the CPU-time medians")
-  print("| contender | wall ms min | wall ms median | overhead, min | overhead, median | "
-        "overhead spread | CPU ms median | overhead, CPU | stream alone ms (median) | "
-        "state bytes | XLA temp bytes | state copies in HLO |")
-  print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+  print("\nper round; overhead = (round_mf - round_independent) / round_mf of the same repeat "
+        "(the two blocks ran seconds apart), median and range over the repeats, by wall and by "
+        "process CPU time")
+  print("| contender | wall ms min | wall ms median | CPU ms median | overhead, wall | "
+        "overhead range, wall | overhead, CPU | stream alone ms (median) | state bytes | "
+        "XLA temp bytes | state copies in HLO |")
+  print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
   temps = {}
   for name in names:
     base = "independent" + (UPDATE_COND if name.endswith(UPDATE_COND) else "")
-    if name == base:
-      by_min = overhead = spread = cpu_overhead = "-"
-    else:
-      by_min = f"{100 * (min(wall[name]) - min(wall[base])) / min(wall[name]):.1f} %"
-      median, base_median = statistics.median(wall[name]), statistics.median(wall[base])
-      overhead = f"{100 * (median - base_median) / median:.1f} %"
+    overhead = spread = cpu_overhead = "-"
+    if name != base:
       pairs = [100 * (m - i) / m for m, i in zip(wall[name], wall[base])]
+      overhead = f"{statistics.median(pairs):.1f} %"
       spread = f"{min(pairs):.1f} to {max(pairs):.1f} %"
-      cpu_median, cpu_base = statistics.median(cpu[name]), statistics.median(cpu[base])
-      cpu_overhead = f"{100 * (cpu_median - cpu_base) / cpu_median:.1f} %"
+      cpu_pairs = [100 * (m - i) / m for m, i in zip(cpu[name], cpu[base])]
+      cpu_overhead = f"{statistics.median(cpu_pairs):.1f} %"
     stream_name = name.removesuffix(UPDATE_COND)
     stream = f"{statistics.median(stream_ms[stream_name]):.1f}" if stream_name in stream_ms else "-"
     temp, copies = temps[name] = contenders[name].analysis()
-    print(f"| {name} | {min(wall[name]):.0f} | {statistics.median(wall[name]):.0f} | {by_min} | "
-          f"{overhead} | "
-          f"{spread} | {statistics.median(cpu[name]):.0f} | {cpu_overhead} | {stream} | "
-          f"{state_bytes(contenders[name].state.aggregator_state):,} | {temp:,} | {copies:g} |",
-          flush=True)
+    print(f"| {name} | {min(wall[name]):.0f} | {statistics.median(wall[name]):.0f} | "
+          f"{statistics.median(cpu[name]):.0f} | {overhead} | {spread} | {cpu_overhead} | "
+          f"{stream} | {state_bytes(contenders[name].state.aggregator_state):,} | {temp:,} | "
+          f"{copies:g} |", flush=True)
 
   if memory_bands:
     print(f"\nBandMF p bands at d = {dim:,}: the state (p - 1 rows of d float32) and the compiled "
