@@ -147,10 +147,8 @@ class Contender:
     self.state = fp.server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
     self.next_round = 0
 
-  def _inputs(self, first: int):
-    cohorts = [self.exp.sampler.sample(r) for r in range(first, first + self.block)]
-    return (np.stack([c.indices for c in cohorts]), np.stack([c.mask for c in cohorts]),
-            runner.round_keys(self.rounds_key, first, first + self.block))
+  def _cohorts(self, first: int) -> list:
+    return [self.exp.sampler.sample(r) for r in range(first, first + self.block)]
 
   def go(self) -> tuple[float, float]:
     """The next `block` rounds: (wall s, process CPU s) from sampling to the metrics on the host."""
@@ -158,9 +156,8 @@ class Contender:
     first = self.next_round
     wall, cpu = time.perf_counter(), time.process_time()
     with update_alone_in_cond() if self.update_cond else contextlib.nullcontext():
-      cohorts = [self.exp.sampler.sample(r) for r in range(first, first + self.block)]
       keys = runner.round_keys(self.rounds_key, first, first + self.block)
-      self.state, metrics = self.trainer.run(self.state, keys, cohorts)
+      self.state, metrics = self.trainer.run(self.state, keys, self._cohorts(first))
       jax.device_get(metrics)
     self.next_round += self.block
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -174,9 +171,12 @@ class Contender:
     statically: a copy in each branch of a conditional counts twice
     although one branch runs.
     """
+    cohorts = self._cohorts(0)
     with update_alone_in_cond() if self.update_cond else contextlib.nullcontext():
-      compiled = self.trainer.many_rounds.lower(self.state, self.trainer.population,
-                                                *self._inputs(0)).compile()
+      compiled = self.trainer.many_rounds.lower(
+          self.state, self.trainer.population, np.stack([c.indices for c in cohorts]),
+          np.stack([c.mask for c in cohorts]),
+          runner.round_keys(self.rounds_key, 0, self.block)).compile()
     rows = [leaf for leaf in jax.tree.leaves(self.state.aggregator_state) if leaf.ndim > 1]
     shapes = "|".join(re.escape(f"f32[{','.join(map(str, leaf.shape))}]") for leaf in rows)
     copy = re.compile(f"(?:{shapes})" + r"\{[0-9,]*\} copy\(")
@@ -204,29 +204,24 @@ def make_contender(args, setup: Setup, aggregator, update_cond: bool = False) ->
   return Contender(exp, args.block, update_cond)
 
 
-def bandmf_mean(bands: int, setup: Setup):
+def correlated_mean(strategy: mf.Strategy, setup: Setup):
+  """`mf_mean` with `strategy` for the planned run under the setup's Cyclic participation."""
   participation = setup.participation
-  return mf_mean(mf.banded_square_root(bands), CLIP, SIGMA, participation.expected_cohort_size,
-                 setup.rounds, participation.max_participations(setup.rounds),
-                 participation.min_separation)
+  return mf_mean(strategy, CLIP, SIGMA, participation.expected_cohort_size, setup.rounds,
+                 participation.max_participations(setup.rounds), participation.min_separation)
 
 
 def build_contenders(args, setup: Setup) -> dict[str, Contender]:
-  participation, rounds = setup.participation, setup.rounds
   aggregators = {
-      "independent": dp_mean(CLIP, SIGMA, participation.expected_cohort_size),
-      f"BandMF {args.bands}": bandmf_mean(args.bands, setup),
-      f"BLT {args.buffers}": mf_mean(blt(args.buffers), CLIP, SIGMA,
-                                     participation.expected_cohort_size, rounds,
-                                     participation.max_participations(rounds),
-                                     participation.min_separation),
+      "independent": dp_mean(CLIP, SIGMA, setup.participation.expected_cohort_size),
+      f"BandMF {args.bands}": correlated_mean(mf.banded_square_root(args.bands), setup),
+      f"BLT {args.buffers}": correlated_mean(blt(args.buffers), setup),
   }
   contenders = {name: make_contender(args, setup, aggregator)
                 for name, aggregator in aggregators.items()}
   if args.what_if_update_cond:
     for name in ("independent", f"BandMF {args.bands}"):
-      contenders[name + UPDATE_COND] = make_contender(args, setup, aggregators[name],
-                                                          update_cond=True)
+      contenders[name + UPDATE_COND] = make_contender(args, setup, aggregators[name], True)
   return contenders
 
 
@@ -337,7 +332,7 @@ def main() -> None:
           "extra / (p d) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for p in memory_bands:
-      run = make_contender(args, setup, bandmf_mean(p, setup))
+      run = make_contender(args, setup, correlated_mean(mf.banded_square_root(p), setup))
       nbytes = state_bytes(run.state.aggregator_state)
       temp = run.analysis()[0]
       extra = nbytes + temp - temps["independent"][0]
