@@ -34,18 +34,10 @@ order rotating), each carrying its own state from block to block:
 The coefficients are not optimised (BSR, a fixed BLT): a round's cost
 depends on p and m, not on the values.
 
---what-if-update-cond adds "independent [update cond]" and "BandMF p
-[update cond]": the same rounds with `simulation.round._finalize_in_own_kernels`
-replaced, while they are traced, by a plain call of finalize whose update
-alone then passes through the `lax.cond`. The library puts the whole
-finalize inside that conditional on CPU (so that XLA:CPU computes the noisy
-update once, not once per consumer); XLA gives a conditional's outputs
-buffers of their own, so a state that finalize updates in place (BandMF's
-ring of past rows) is copied in full inside the conditional and again into
-the scan's carry (the "state copies" column). With the update alone in the
-conditional the noisy update is still materialised once and the state is
-not copied. A measured proposal for `round.py`, not the library's
-behaviour.
+The round passes only finalize's update through the CPU `lax.cond` of
+`simulation.round._finalize_in_own_kernels`, so a state that finalize
+updates in place (BandMF's ring of past rows) is not copied (the "state
+copies" column checks it).
 
 Also in the same process, after each repeat's blocks: the noise stream
 alone at the model's d (`mf.stream_next` jitted with its state donated, and
@@ -68,13 +60,12 @@ the machine.
 Usage (from the repository root):
   PYTHONPATH=. python experiments/benchmarks/mf_round_cost.py [--hidden 1000] [--cohort 16]
       [--local-steps 4] [--batch-size 16] [--bands 64] [--buffers 4] [--block 4]
-      [--repeats 15] [--memory-bands 8,16,32,64] [--what-if-update-cond]
+      [--repeats 15] [--memory-bands 8,16,32,64]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
@@ -94,10 +85,8 @@ from fedjax_priv.models import mlp
 from fedjax_priv.privacy import dp_mean, mf_mean
 from fedjax_priv.privacy import matrix_factorization as mf
 from fedjax_priv.privacy.noise import gaussian_like
-from fedjax_priv.simulation import round as round_module
 
 CLIP, SIGMA, FEATURES, CLASSES = 1.0, 1.0, 64, 10
-UPDATE_COND = " [update cond]"
 
 
 def synthetic_clients(num_clients: int, per_client: int, seed: int = 0):
@@ -119,29 +108,11 @@ def state_bytes(tree) -> int:
   return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
 
 
-@contextlib.contextmanager
-def update_alone_in_cond():
-  """While tracing: finalize outside the round's `lax.cond`, only its update through it."""
-
-  def finalize(aggregator, state, summed, total_weight, ctx):
-    update, aggregator_state, stats = aggregator.finalize(state.aggregator_state, summed,
-                                                          total_weight, ctx)
-    same = lambda tree: tree
-    return jax.lax.cond(state.round >= 0, same, same, update), aggregator_state, stats
-
-  library = round_module._finalize_in_own_kernels
-  round_module._finalize_in_own_kernels = finalize
-  try:
-    yield
-  finally:
-    round_module._finalize_in_own_kernels = library
-
-
 class Contender:
   """One experiment, driven block by block through the runner's `_Trainer`."""
 
-  def __init__(self, exp: fp.Experiment, block: int, update_cond: bool):
-    self.exp, self.block, self.update_cond = exp, block, update_cond
+  def __init__(self, exp: fp.Experiment, block: int):
+    self.exp, self.block = exp, block
     self.trainer = runner._Trainer(exp)  # The runner's own data path, not a copy of it.
     init_key, self.rounds_key = jax.random.split(jax.random.key(exp.settings.seed))
     self.state = fp.server_init(exp.model.init(init_key), exp.server_optimizer, exp.aggregator)
@@ -155,10 +126,9 @@ class Contender:
     jax.block_until_ready(self.state)
     first = self.next_round
     wall, cpu = time.perf_counter(), time.process_time()
-    with update_alone_in_cond() if self.update_cond else contextlib.nullcontext():
-      keys = runner.round_keys(self.rounds_key, first, first + self.block)
-      self.state, metrics = self.trainer.run(self.state, keys, self._cohorts(first))
-      jax.device_get(metrics)
+    keys = runner.round_keys(self.rounds_key, first, first + self.block)
+    self.state, metrics = self.trainer.run(self.state, keys, self._cohorts(first))
+    jax.device_get(metrics)
     self.next_round += self.block
     return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -172,11 +142,10 @@ class Contender:
     although one branch runs.
     """
     cohorts = self._cohorts(0)
-    with update_alone_in_cond() if self.update_cond else contextlib.nullcontext():
-      compiled = self.trainer.many_rounds.lower(
-          self.state, self.trainer.population, np.stack([c.indices for c in cohorts]),
-          np.stack([c.mask for c in cohorts]),
-          runner.round_keys(self.rounds_key, 0, self.block)).compile()
+    compiled = self.trainer.many_rounds.lower(
+        self.state, self.trainer.population, np.stack([c.indices for c in cohorts]),
+        np.stack([c.mask for c in cohorts]),
+        runner.round_keys(self.rounds_key, 0, self.block)).compile()
     rows = [leaf for leaf in jax.tree.leaves(self.state.aggregator_state) if leaf.ndim > 1]
     shapes = "|".join(re.escape(f"f32[{','.join(map(str, leaf.shape))}]") for leaf in rows)
     copy = re.compile(f"(?:{shapes})" + r"\{[0-9,]*\} copy\(")
@@ -193,7 +162,7 @@ class Setup(NamedTuple):
   rounds: int
 
 
-def make_contender(args, setup: Setup, aggregator, update_cond: bool = False) -> Contender:
+def make_contender(args, setup: Setup, aggregator) -> Contender:
   settings = fp.RunSettings(rounds=setup.rounds, eval_every=setup.rounds, backend="vmap",
                             log_to=())
   with warnings.catch_warnings():
@@ -201,7 +170,7 @@ def make_contender(args, setup: Setup, aggregator, update_cond: bool = False) ->
     exp = fp.assemble(setup.model, setup.train, setup.test, aggregator, setup.participation,
                       settings, client_optimizer=optax.sgd(0.05), local_steps=args.local_steps,
                       batch_size=args.batch_size)
-  return Contender(exp, args.block, update_cond)
+  return Contender(exp, args.block)
 
 
 def correlated_mean(strategy: mf.Strategy, setup: Setup):
@@ -217,12 +186,7 @@ def build_contenders(args, setup: Setup) -> dict[str, Contender]:
       f"BandMF {args.bands}": correlated_mean(mf.banded_square_root(args.bands), setup),
       f"BLT {args.buffers}": correlated_mean(blt(args.buffers), setup),
   }
-  contenders = {name: make_contender(args, setup, aggregator)
-                for name, aggregator in aggregators.items()}
-  if args.what_if_update_cond:
-    for name in ("independent", f"BandMF {args.bands}"):
-      contenders[name + UPDATE_COND] = make_contender(args, setup, aggregators[name], True)
-  return contenders
+  return {name: make_contender(args, setup, aggregator) for name, aggregator in aggregators.items()}
 
 
 def main() -> None:
@@ -236,8 +200,6 @@ def main() -> None:
   parser.add_argument("--block", type=int, default=4, help="rounds per device call")
   parser.add_argument("--repeats", type=int, default=15, help="timed blocks per contender")
   parser.add_argument("--memory-bands", default="8,16,32,64")
-  parser.add_argument("--what-if-update-cond", action="store_true",
-                      help="also time independent and BandMF with only the update in the lax.cond")
   args = parser.parse_args()
   memory_bands = [int(p) for p in args.memory_bands.split(",") if p]
   start = time.perf_counter()
@@ -309,7 +271,7 @@ def main() -> None:
   print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
   temps = {}
   for name in names:
-    base = "independent" + (UPDATE_COND if name.endswith(UPDATE_COND) else "")
+    base = "independent"
     overhead = spread = cpu_overhead = "-"
     if name != base:
       pairs = [100 * (m - i) / m for m, i in zip(wall[name], wall[base])]
@@ -317,8 +279,7 @@ def main() -> None:
       spread = f"{min(pairs):.1f} to {max(pairs):.1f} %"
       cpu_pairs = [100 * (m - i) / m for m, i in zip(cpu[name], cpu[base])]
       cpu_overhead = f"{statistics.median(cpu_pairs):.1f} %"
-    stream_name = name.removesuffix(UPDATE_COND)
-    stream = f"{statistics.median(stream_ms[stream_name]):.1f}" if stream_name in stream_ms else "-"
+    stream = f"{statistics.median(stream_ms[name]):.1f}" if name in stream_ms else "-"
     temp, copies = temps[name] = contenders[name].analysis()
     print(f"| {name} | {min(wall[name]):.0f} | {statistics.median(wall[name]):.0f} | "
           f"{statistics.median(cpu[name]):.0f} | {overhead} | {spread} | {cpu_overhead} | "

@@ -219,7 +219,7 @@ def sum_chunks(group, chunks, aggregator: Aggregator, carry=()):
 
 def _finalize_in_own_kernels(aggregator: Aggregator, state: ServerState, summed, total_weight,
                              ctx: RoundContext):
-  """`aggregator.finalize`, whose outputs XLA:CPU computes once, not once per consumer.
+  """`aggregator.finalize`, whose update XLA:CPU computes once, not once per consumer.
 
   The update feeds the server optimizer and the `update_norm` metric. XLA:CPU
   fuses cheap producers into every consumer, so a noisy update was computed
@@ -227,18 +227,23 @@ def _finalize_in_own_kernels(aggregator: Aggregator, state: ServerState, summed,
   noise is ~100 integer operations): a W1 round ran about 10 % slower than
   with one consumer (`experiments/benchmarks/runner_vs_floor.py`). A conditional is
   a boundary XLA:CPU's fusion does not cross and keeps while its predicate is
-  not a constant; both branches are `finalize`, so the predicate (the round
-  counter, always >= 0) changes nothing but where the outputs are
-  materialised. Other platforms call `finalize` directly: a GPU conditional
-  would read its predicate on the host. Under a `vmap` that batches the
-  round counter the conditional becomes a select of both (equal) branches:
-  correct, twice the work.
+  not a constant; both branches are the identity, so the predicate (the round
+  counter, always >= 0) changes nothing but where the update is
+  materialised. Only the update goes through it: a conditional's outputs get
+  buffers of their own, so passing the aggregator state through it would copy
+  the whole state twice a round (BandMF's 64-band ring at d = 10^6 is 271 MB:
+  `experiments/results/mf_round_cost.md`). Other platforms skip it: a GPU
+  conditional would read its predicate on the host. Under a `vmap` that
+  batches the round counter the conditional becomes a select of two equal
+  operands: correct, one extra pass over the update.
   """
-  args = (state.aggregator_state, summed, total_weight, ctx)
-  finalize = lambda args: aggregator.finalize(*args)
-  apart = lambda round_index, args: jax.lax.cond(round_index >= 0, finalize, finalize, args)
-  return jax.lax.platform_dependent(state.round, args, cpu=apart,
-                                    default=lambda round_index, args: finalize(args))
+  update, aggregator_state, stats = aggregator.finalize(state.aggregator_state, summed,
+                                                        total_weight, ctx)
+  keep = lambda update: update
+  apart = lambda round_index, update: jax.lax.cond(round_index >= 0, keep, keep, update)
+  update = jax.lax.platform_dependent(state.round, update, cpu=apart,
+                                      default=lambda round_index, update: update)
+  return update, aggregator_state, stats
 
 
 def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
