@@ -103,7 +103,7 @@ from fedjax_priv.data.packing import pad_population
 from fedjax_priv.experiment import Experiment, RunSettings, assemble, build
 from fedjax_priv.models import cnn
 from fedjax_priv.privacy.aggregation import dp_mean
-from fedjax_priv.privacy.fast_random import standard_normal
+from fedjax_priv.fast_random import standard_normal
 from fedjax_priv.simulation.participation import FixedSize
 
 

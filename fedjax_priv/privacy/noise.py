@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.privacy.fast_random import standard_normal
+from fedjax_priv.fast_random import standard_normal
 
 
 def _noise_like(sampler, key: jax.Array, tree: tree_util.PyTree,

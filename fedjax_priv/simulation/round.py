@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_priv import fast_random
 from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ClientUpdate
 from fedjax_priv.algorithms.server import ServerState, server_update
@@ -346,7 +347,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
 
   def split_keys(key, num_slots):
     client_key, server_key, round_key = jax.random.split(key, 3)
-    slot_keys = jax.vmap(lambda k: jax.random.fold_in(client_key, k))(jnp.arange(num_slots))
+    slot_keys = fast_random.fold_in_range(client_key, num_slots)
     return slot_keys, server_key, round_key
 
   def check(batch, client_states, client_ids):
