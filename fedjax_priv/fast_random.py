@@ -20,10 +20,12 @@ and other PRNG implementations call `jax.random` itself
   uniform          the uniforms that draw each client's local batches
                    (`data.device`).
   fold_in_range, split
-                   per-slot and per-step keys. In a W1 round of
-                   `experiments/benchmarks/runner_vs_floor.py` the rolled
-                   hashes of the batch uniforms and the slot keys were 160 of
-                   the ~600 kernels XLA:CPU ran per round.
+                   the round's keys: its split into client, server and batch
+                   keys, each slot's key, each local step's, each noise
+                   leaf's. In a W1 round of
+                   `experiments/benchmarks/runner_vs_floor.py` these rolled
+                   hashes were about 60 % of the ~600 kernels XLA:CPU ran
+                   per round; a few percent of its time.
 
 Reference: Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as
 1, 2, 3", SC 2011 (Threefry-2x32 with 20 rounds and its rotation constants).

@@ -37,7 +37,7 @@ def cohort_to_batch(batching: Batching):
   """`(cohort, key) -> (ClientBatch, batch_overflow, round_key)`, jittable."""
 
   def make(cohort: CohortData, key: jax.Array):
-    batch_key, round_key = jax.random.split(key)
+    batch_key, round_key = fast_random.split(key, 2)
     slots = cohort.client_mask.shape[0]
     keys = fast_random.fold_in_range(batch_key, slots)
     batch, overflow = sample_client_batches(cohort, keys, batching.num_steps,

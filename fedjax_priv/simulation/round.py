@@ -97,7 +97,7 @@ def per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
 
   def per_client(state, client_state, x, y, mask, num_examples, client_mask, slot, key, round_key,
                  cohort_mask):
-    train_key, agg_key = jax.random.split(key)
+    train_key, agg_key = fast_random.split(key, 2)
     delta, new_client_state, metrics = client_update(state, client_state, x, y, mask, train_key)
     finite = tree_util.all_finite((delta, new_client_state))
     keep = client_mask * finite.astype(jnp.float32)
@@ -346,7 +346,7 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
   per_client = per_client_fn(client_update, aggregator)
 
   def split_keys(key, num_slots):
-    client_key, server_key, round_key = jax.random.split(key, 3)
+    client_key, server_key, round_key = fast_random.split(key, 3)
     slot_keys = fast_random.fold_in_range(client_key, num_slots)
     return slot_keys, server_key, round_key
 
