@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_priv import fast_random
 from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.fedprox import check_proximal_mu, proximal_gradient
 from fedjax_priv.algorithms.per_example_norms import (CLIPPING_METHODS, clipped_gradient_sum,
@@ -199,7 +198,7 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
     if key is None and example_dp is not None:
       raise ValueError("local training with example_dp needs a PRNG key for its noise")
     # Plain training draws no randomness, so it may run without a key.
-    step_keys = None if key is None else fast_random.split(key, x.shape[0])
+    step_keys = None if key is None else jax.random.split(key, x.shape[0])
     init = (start_params, optimizer.init(start_params))
     # Each step's real-example count depends on the mask alone, so all S are
     # taken before the scan: one reduction per client instead of one in

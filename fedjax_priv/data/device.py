@@ -13,7 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_priv import fast_random
 from fedjax_priv.data.packing import CohortData
 from fedjax_priv.types import ClientBatch  # Re-exported: users import it from here.
 
@@ -38,7 +37,7 @@ def _shuffled_batches(num_examples, key, num_steps, batch_size, max_examples):
   epochs); a client with none gets an all-zero mask.
   """
   valid = jnp.arange(max_examples) < num_examples
-  order = jnp.argsort(jnp.where(valid, fast_random.uniform(key, valid.shape), 2.0))
+  order = jnp.argsort(jnp.where(valid, jax.random.uniform(key, valid.shape), 2.0))
   positions = jnp.arange(num_steps * batch_size) % jnp.maximum(num_examples, 1)
   indices = order[positions].reshape(num_steps, batch_size)
   mask = jnp.broadcast_to(num_examples > 0, indices.shape).astype(jnp.float32)
@@ -56,14 +55,14 @@ def _poisson_batches(num_examples, key, num_steps, capacity, expected_batch_size
   valid = jnp.arange(max_examples) < num_examples
 
   def one_step(step_key):
-    u = fast_random.uniform(step_key, (max_examples,))
+    u = jax.random.uniform(step_key, (max_examples,))
     selected = valid & (u < q)
     # Conditioned on selection the u's are i.i.d. uniform, so the `capacity`
     # smallest form a uniformly random subset of the selected examples.
     _, idx = jax.lax.top_k(-jnp.where(selected, u, 2.0), capacity)
     return idx, selected[idx].astype(jnp.float32), jnp.sum(selected) > capacity
 
-  indices, mask, overflowed = jax.vmap(one_step)(fast_random.split(key, num_steps))
+  indices, mask, overflowed = jax.vmap(one_step)(jax.random.split(key, num_steps))
   return indices, mask, jnp.sum(overflowed).astype(jnp.int32)
 
 

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv import fast_random
-from fedjax_priv.fast_random import standard_normal
+from fedjax_priv.privacy.fast_random import standard_normal
 
 
 def _noise_like(sampler, key: jax.Array, tree: tree_util.PyTree,
@@ -15,7 +14,7 @@ def _noise_like(sampler, key: jax.Array, tree: tree_util.PyTree,
   # Each leaf draws from its own sub-key, so the noise of different leaves is
   # independent and does not depend on the order leaves are visited in.
   leaves, treedef = jax.tree.flatten(tree)
-  keys = fast_random.split(key, len(leaves))
+  keys = jax.random.split(key, len(leaves))
   noise = [scale * sampler(k, leaf.shape, jnp.float32).astype(leaf.dtype)
            for k, leaf in zip(keys, leaves)]
   return jax.tree.unflatten(treedef, noise)

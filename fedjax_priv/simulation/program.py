@@ -14,7 +14,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_priv import fast_random
 from fedjax_priv.data.device import gather_cohort, sample_client_batches
 from fedjax_priv.data.packing import CohortData
 from fedjax_priv.simulation.round import RoundFn
@@ -37,9 +36,9 @@ def cohort_to_batch(batching: Batching):
   """`(cohort, key) -> (ClientBatch, batch_overflow, round_key)`, jittable."""
 
   def make(cohort: CohortData, key: jax.Array):
-    batch_key, round_key = fast_random.split(key, 2)
+    batch_key, round_key = jax.random.split(key)
     slots = cohort.client_mask.shape[0]
-    keys = fast_random.fold_in_range(batch_key, slots)
+    keys = jax.vmap(lambda k: jax.random.fold_in(batch_key, k))(jnp.arange(slots))
     batch, overflow = sample_client_batches(cohort, keys, batching.num_steps,
                                             batching.batch_size, batching.mode,
                                             batching.expected_batch_size)

@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_priv import fast_random
 from fedjax_priv import tree as tree_util
 from fedjax_priv.algorithms.client_update import ClientUpdate
 from fedjax_priv.algorithms.server import ServerState, server_update
@@ -97,7 +96,7 @@ def per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
 
   def per_client(state, client_state, x, y, mask, num_examples, client_mask, slot, key, round_key,
                  cohort_mask):
-    train_key, agg_key = fast_random.split(key, 2)
+    train_key, agg_key = jax.random.split(key)
     delta, new_client_state, metrics = client_update(state, client_state, x, y, mask, train_key)
     finite = tree_util.all_finite((delta, new_client_state))
     keep = client_mask * finite.astype(jnp.float32)
@@ -346,8 +345,8 @@ def build_stateful_round(client_update: StatefulClientUpdate, aggregator: Aggreg
   per_client = per_client_fn(client_update, aggregator)
 
   def split_keys(key, num_slots):
-    client_key, server_key, round_key = fast_random.split(key, 3)
-    slot_keys = fast_random.fold_in_range(client_key, num_slots)
+    client_key, server_key, round_key = jax.random.split(key, 3)
+    slot_keys = jax.vmap(lambda k: jax.random.fold_in(client_key, k))(jnp.arange(num_slots))
     return slot_keys, server_key, round_key
 
   def check(batch, client_states, client_ids):
