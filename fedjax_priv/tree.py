@@ -30,17 +30,20 @@ def l1_norm(tree: PyTree) -> jax.Array:
 def all_finite(tree: PyTree) -> jax.Array:
   """Scalar bool: True when no leaf holds a NaN or an infinity.
 
-  Written as isfinite(sum(leaf * 0)): x * 0 is 0 for every finite x and NaN
-  for NaN or +-inf (IEEE 754, which XLA keeps: it does not fold x * 0 for
-  floats), and a sum of zeros cannot overflow, so the sum is finite exactly
-  when every element is. One float reduction per leaf, where
-  `all(isfinite(leaf))` took an elementwise pass and a boolean reduction
-  that XLA:CPU split into three kernels per leaf (12 of a W1 round's 91,
-  `experiments/benchmarks/runner_vs_floor.py`).
+  Written as isfinite(sum(leaf - leaf)): x - x is 0 for every finite x and
+  NaN for NaN or +-inf (IEEE 754, which XLA keeps: its simplifier folds
+  x - x only for integers), and a sum of zeros cannot overflow, so the sum
+  is finite exactly when every element is. One float reduction per leaf
+  that reads nothing but the leaf. `all(isfinite(leaf))` took an
+  elementwise pass and a boolean reduction that XLA:CPU split into three
+  kernels per leaf; `sum(leaf * 0)` became an XNNPACK dot against a zero
+  tensor that XLA:CPU wrote out every round, and `min(isfinite(leaf))` an
+  elementwise pass that wrote the flags out before reducing them
+  (`experiments/benchmarks/runner_vs_floor.py`).
   """
   leaves = [leaf for leaf in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]  # Integers are finite.
-  total = sum((jnp.sum(leaf * 0).astype(jnp.float32) for leaf in leaves), jnp.float32(0.0))
+  total = sum((jnp.sum(leaf - leaf).astype(jnp.float32) for leaf in leaves), jnp.float32(0.0))
   return jnp.isfinite(total)
 
 

@@ -39,11 +39,11 @@ clients, masks the loss with the batch mask, zeroes a client whose update is
 not finite (its weight in the sum is 0), clips (w1, emnist: the whole delta;
 cnn: every example's gradient, with materialised per-example gradients,
 `vmap(grad)`, where the runner uses ghost norms for the dense layers, so
-that floor is not strict), sums the cohort with a dot
-product, adds Gaussian noise (the toolkit's `fast_random.standard_normal`,
-bit-identical to `jax.random.normal` and the fastest sampler here) and
-applies the server step. The w1 floor writes the MLP by hand; the cnn and
-emnist floors call the zoo model's `apply`. What the floors leave out: the
+that floor is not strict), sums the cohort with a dot product, adds
+Gaussian noise (the toolkit's `fast_random.standard_normal`, bit-identical
+to `jax.random.normal` and the fastest sampler here) and applies the server
+step. The w1 floor writes the MLP by hand; the cnn and emnist floors call
+the zoo model's `apply`. What the floors leave out: the
 metrics (loss sums, example counts, delta norms, clipped fractions, update
 norm, the non-finite count, batch overflow counts, and their copy to the
 host), and the host's bookkeeping between blocks (privacy ledger, metric
@@ -60,19 +60,26 @@ Rows:
   runner.run    (w1, with --end-to-end) `runner.run` on the config, as the
                 CLI runs it: its summary's `wall_time_s` (training without
                 compilation, the runner's own measure).
+  baseline      (with --baseline DIR) the runner block of the package in
+                the checkout DIR, e.g. a worktree of the commit a change
+                starts from: before and after timed in one process.
   floor         the hand-written program above.
 
-Columns: rounds/s (min, median, max over repeats), the runner's speed over
-the floor's (floor time / runner time) from the two calls of each repeat, by
+Columns: rounds/s (min, median, max over repeats), each contender's speed
+over the floor's (floor time / its time) from the calls of each repeat, by
 wall time and by process CPU time (less disturbed by other jobs on a shared
-machine), test accuracy, compile seconds. Both sides start from the same
-initial parameters (the runner's init key); their cohorts, batches and noise
-are different draws, so the script reports both accuracies (they should be
-close) instead of comparing parameters.
+machine), test accuracy, compile seconds; contenders take turns going
+first. Both sides start from the same initial parameters (the runner's init
+key); their cohorts, batches and noise are different draws, so the script
+reports both accuracies (they should be close) instead of comparing
+parameters.
 
 Usage (from the repository root; PYTHONPATH=. imports this checkout):
   PYTHONPATH=. python experiments/benchmarks/runner_vs_floor.py            # w1, cnn; ~3 min
   PYTHONPATH=. python experiments/benchmarks/runner_vs_floor.py --workloads w1 --repeats 15
+  git worktree add ../base BASE_COMMIT   # before/after in one process:
+  PYTHONPATH=. python experiments/benchmarks/runner_vs_floor.py --workloads w1 --repeats 30 \
+      --baseline ../base
   PYTHONPATH=. python experiments/benchmarks/runner_vs_floor.py --workloads emnist \
       --dtype bfloat16 --cohorts 16,64,256,1024,4096 --json runs/bench/floor_bf16.json
 """
@@ -80,15 +87,20 @@ Usage (from the repository root; PYTHONPATH=. imports this checkout):
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import json
 import math
 import os
 import platform
+import re
+import shutil
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +123,8 @@ from fedjax_priv.simulation.participation import FixedSize
 # Workloads as configs: what `fedjax-priv run` would be given.
 
 
-def w1_config(rounds: int) -> Config:
-  return from_dict({
+def w1_spec(rounds: int) -> dict[str, Any]:
+  return {
       "data": {"num_clients": 100, "partition": "iid", "seed": 0},
       "model": {"name": "mlp", "hidden": [128]},
       "client": {"optimizer": "sgd", "learning_rate": 0.1, "local_steps": 3, "batch_size": 6},
@@ -121,11 +133,11 @@ def w1_config(rounds: int) -> Config:
                   "accountant": "rdp", "fixed_as_poisson": True},
       "simulation": {"backend": "vmap", "rounds": rounds, "cohort_size": 20, "sampling": "fixed",
                      "seed": 0, "eval_every": rounds, "data_on_device": True, "log_to": []},
-  })
+  }
 
 
-def cnn_config(rounds: int, cohort: int, steps: int, batch: int) -> Config:
-  return from_dict({
+def cnn_spec(rounds: int, cohort: int, steps: int, batch: int) -> dict[str, Any]:
+  return {
       "data": {"num_clients": 100, "partition": "iid", "seed": 0},
       "model": {"name": "cnn"},
       "client": {"optimizer": "sgd", "learning_rate": 0.5, "local_steps": steps,
@@ -136,10 +148,46 @@ def cnn_config(rounds: int, cohort: int, steps: int, batch: int) -> Config:
       "simulation": {"backend": "vmap", "rounds": rounds, "cohort_size": cohort,
                      "sampling": "fixed", "seed": 0, "eval_every": rounds,
                      "data_on_device": True, "log_to": []},
-  })
+  }
 
 
-def initial_state(exp: Experiment, dtype=jnp.float32):
+def w1_config(rounds: int) -> Config:
+  return from_dict(w1_spec(rounds))
+
+
+class Library(NamedTuple):
+  """What a runner block needs from a `fedjax_priv` package: this checkout's or a baseline's."""
+  runner: Any
+  server_init: Callable
+  build_config: Callable  # spec dict -> Experiment
+
+
+THIS = Library(runner, server_init, lambda spec: build(from_dict(spec)))
+
+
+def import_baseline(checkout: Path) -> Library:
+  """The `fedjax_priv` package of another checkout (e.g. a worktree of the base commit).
+
+  For before/after timings in one process, interleaved: the package is
+  copied to a temporary directory as `fedjax_priv_baseline`, its absolute
+  imports renamed to match, and imported next to this checkout's.
+  """
+  source = checkout / "fedjax_priv"
+  if not (source / "runner.py").is_file():
+    raise SystemExit(f"--baseline {checkout}: no fedjax_priv/runner.py there")
+  target = Path(tempfile.mkdtemp(prefix="runner_vs_floor_")) / "fedjax_priv_baseline"
+  atexit.register(shutil.rmtree, target.parent, ignore_errors=True)
+  shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+  for path in target.rglob("*.py"):
+    path.write_text(re.sub(r"\bfedjax_priv\b", "fedjax_priv_baseline", path.read_text()))
+  sys.path.insert(0, str(target.parent))
+  module = lambda name: importlib.import_module(f"fedjax_priv_baseline.{name}")
+  config, experiment = module("config"), module("experiment")
+  return Library(module("runner"), module("algorithms.server").server_init,
+                 lambda spec: experiment.build(config.from_dict(spec)))
+
+
+def initial_state(exp: Experiment, dtype=jnp.float32, lib: Library = THIS):
   """The runner's round-0 server state (params in `dtype`) and its rounds key.
 
   The runner splits key(seed) into (init, rounds) keys; bfloat16 params are
@@ -147,31 +195,34 @@ def initial_state(exp: Experiment, dtype=jnp.float32):
   """
   init_key, rounds_key = jax.random.split(jax.random.key(exp.settings.seed))
   params = jax.tree.map(lambda p: p.astype(dtype), exp.model.init(init_key))
-  return server_init(params, exp.server_optimizer, exp.aggregator), rounds_key
+  return lib.server_init(params, exp.server_optimizer, exp.aggregator), rounds_key
 
 
 # --------------------------------------------------------------------------
 # The runner side.
 
 
-def make_runner_block(exp: Experiment, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
+def make_runner_block(exp: Experiment, dtype=jnp.float32, lib: Library = THIS
+                      ) -> tuple[Callable[[], Any], float]:
   """`go()` runs all rounds as the runner's block loop does and returns the final params.
 
   Compiles (and runs once) before returning, so `go` times training only;
-  also returns the compile time the runner's stopwatch measured.
+  also returns the compile time the runner's stopwatch measured. `lib`: the
+  package whose runner runs (`exp` must come from its `build`).
   """
+  runner = lib.runner
   trainer = runner._Trainer(exp)  # The runner's own data path, not a copy of it.
   if dtype != jnp.float32:  # The population as the program will hold it.
     trainer.population = trainer.population._replace(x=trainer.population.x.astype(dtype))
   rounds = exp.settings.rounds
 
   def go():
-    state, rounds_key = initial_state(exp, dtype)
+    state, rounds_key = initial_state(exp, dtype, lib)
     jax.block_until_ready(state)
     start, cpu = time.perf_counter(), time.process_time()
     with runner._stopwatch() as times:
       cohorts = [exp.sampler.sample(r) for r in range(rounds)]
-      keys = _round_keys(rounds_key, rounds)
+      keys = _round_keys(runner, rounds_key, rounds)
       state, metrics = trainer.run(state, keys, cohorts)
       metrics = jax.device_get(metrics)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -181,7 +232,7 @@ def make_runner_block(exp: Experiment, dtype=jnp.float32) -> tuple[Callable[[], 
   return go, compile_s
 
 
-def _round_keys(rounds_key, rounds: int):
+def _round_keys(runner, rounds_key, rounds: int):
   """The round keys fold_in(rounds_key, r), derived as the runner derives them."""
   if hasattr(runner, "round_keys"):
     return runner.round_keys(rounds_key, 0, rounds)
@@ -413,24 +464,35 @@ def make_floor_call(exp: Experiment, run: Callable, dtype=jnp.float32
 
 
 def time_workload(name: str, exp: Experiment, floor: Callable, repeats: int,
-                  end_to_end: Config | None = None, dtype=jnp.float32) -> dict[str, Any]:
-  """Times the runner's block and the jitted `floor` interleaved, `repeats` times each."""
+                  end_to_end: Config | None = None, dtype=jnp.float32,
+                  baseline: tuple[Experiment, Library] | None = None) -> dict[str, Any]:
+  """Times the runner's block and the jitted `floor` interleaved, `repeats` times each.
+
+  `baseline`: (its experiment, its package) from `import_baseline`; its
+  runner block is a third contender, in the same rotation.
+  """
   rounds = exp.settings.rounds
   runner_go, runner_compile = make_runner_block(exp, dtype)
   floor_go, floor_compile = make_floor_call(exp, floor, dtype)
   contenders = {"runner": runner_go, "floor": floor_go}
+  compile_s = {"runner": runner_compile, "floor": floor_compile}
+  if baseline is not None:
+    contenders["baseline"], compile_s["baseline"] = make_runner_block(baseline[0], dtype,
+                                                                      baseline[1])
   evaluator = runner.make_evaluator(exp)
   times = {label: [] for label in contenders}
   cpu_times = {label: [] for label in contenders}
   accuracy = {label: [] for label in contenders}
+  loads = []
   if end_to_end is not None:
     times["runner.run"], accuracy["runner.run"] = [], []
   for repeat in range(repeats):
-    order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
-    for label in order:
-      params, seconds, cpu, compile_s = contenders[label]()
-      if compile_s > 0.05:
-        raise RuntimeError(f"{name}/{label}: {compile_s:.2f} s of compilation in a timed call")
+    labels = list(contenders)
+    shift = repeat % len(labels)  # Each contender runs first, second, ... in turn.
+    for label in labels[shift:] + labels[:shift]:
+      params, seconds, cpu, compiled = contenders[label]()
+      if compiled > 0.05:
+        raise RuntimeError(f"{name}/{label}: {compiled:.2f} s of compilation in a timed call")
       times[label].append(seconds)
       cpu_times[label].append(cpu)
       params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
@@ -439,41 +501,51 @@ def time_workload(name: str, exp: Experiment, floor: Callable, repeats: int,
       wall, _, acc = run_end_to_end(end_to_end)
       times["runner.run"].append(wall)
       accuracy["runner.run"].append(float(acc))
-    ratio = times["floor"][-1] / times["runner"][-1]
-    cpu_ratio = cpu_times["floor"][-1] / cpu_times["runner"][-1]
-    print(f"  {name} repeat {repeat + 1}/{repeats}: runner {rounds / times['runner'][-1]:.1f} "
-          f"rounds/s, floor {rounds / times['floor'][-1]:.1f} rounds/s, "
-          f"runner/floor {ratio:.3f} (CPU time {cpu_ratio:.3f})", flush=True)
-  ratios = [f / r for f, r in zip(times["floor"], times["runner"])]
-  cpu_ratios = [f / r for f, r in zip(cpu_times["floor"], cpu_times["runner"])]
-  print(f"  {name}: compile s, runner {runner_compile:.2f} (its stopwatch), floor "
-        f"{floor_compile:.2f} (lower + compile)", flush=True)
-  return {"workload": name, "rounds": rounds, "times_s": times, "cpu_times_s": cpu_times,
-          "accuracy": accuracy, "ratios_runner_over_floor": ratios,
-          "cpu_ratios_runner_over_floor": cpu_ratios,
-          "compile_s": {"runner": runner_compile, "floor": floor_compile}}
+    loads.append(os.getloadavg()[0])
+    line = ", ".join(f"{label} {rounds / times[label][-1]:.1f}" for label in contenders)
+    print(f"  {name} repeat {repeat + 1}/{repeats}: rounds/s {line}; runner/floor "
+          f"{times['floor'][-1] / times['runner'][-1]:.3f} (CPU time "
+          f"{cpu_times['floor'][-1] / cpu_times['runner'][-1]:.3f}); load {loads[-1]:.1f}",
+          flush=True)
+  over_floor = lambda t, label: [f / x for f, x in zip(t["floor"], t[label])]
+  ratios = {label: over_floor(times, label) for label in times if label != "floor"}
+  cpu_ratios = {label: over_floor(cpu_times, label) for label in cpu_times if label != "floor"}
+  print(f"  {name}: compile s, " + ", ".join(f"{label} {s:.2f}" for label, s in compile_s.items())
+        + " (runners: their stopwatch; floor: lower + compile)", flush=True)
+  result = {"workload": name, "rounds": rounds, "times_s": times, "cpu_times_s": cpu_times,
+            "accuracy": accuracy, "ratios_over_floor": ratios, "cpu_ratios_over_floor": cpu_ratios,
+            "compile_s": compile_s, "load_average_1min": loads}
+  if baseline is not None:
+    speedup = [b / r for b, r in zip(times["baseline"], times["runner"])]
+    cpu_speedup = [b / r for b, r in zip(cpu_times["baseline"], cpu_times["runner"])]
+    result["speedup_over_baseline"] = {"wall": speedup, "cpu": cpu_speedup}
+    print(f"  {name}: runner speed / baseline speed, median (range): wall "
+          f"{np.median(speedup):.3f} ({min(speedup):.3f}-{max(speedup):.3f}), CPU time "
+          f"{np.median(cpu_speedup):.3f} ({min(cpu_speedup):.3f}-{max(cpu_speedup):.3f})",
+          flush=True)
+  return result
 
 
 def table(results: list[dict[str, Any]]) -> str:
   lines = ["| workload | contender | rounds/s min | rounds/s median | rounds/s max | "
-           "runner/floor, wall (median of per-repeat ratios) | wall ratio min-max | "
-           "runner/floor, CPU time (median) | CPU ratio min-max | test acc (mean) | compile s | n |",
+           "speed / floor's, wall (median of per-repeat ratios) | wall ratio min-max | "
+           "speed / floor's, CPU time (median) | CPU ratio min-max | test acc (mean) | "
+           "compile s | n |",
            "|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|"]
   for res in results:
     for label, values in res["times_s"].items():
       speeds = sorted(res["rounds"] / t for t in values)
-      cpu_ratio, cpu_spread = "-", "-"
-      if label == "runner":
-        ratios = res["ratios_runner_over_floor"]
-        ratio = f"**{np.median(ratios):.3f}**"
+      ratio, spread, cpu_ratio, cpu_spread = "1", "-", "1", "-"
+      if label != "floor":
+        ratios = res["ratios_over_floor"][label]
+        ratio = f"{np.median(ratios):.3f}"
+        ratio = f"**{ratio}**" if label == "runner" else ratio
         spread = f"{min(ratios):.3f}-{max(ratios):.3f}"
-        cpu = res["cpu_ratios_runner_over_floor"]
-        cpu_ratio, cpu_spread = f"{np.median(cpu):.3f}", f"{min(cpu):.3f}-{max(cpu):.3f}"
-      elif label == "runner.run":
-        ratios = [f / t for f, t in zip(res["times_s"]["floor"], values)]
-        ratio, spread = f"{np.median(ratios):.3f}", f"{min(ratios):.3f}-{max(ratios):.3f}"
-      else:
-        ratio, spread, cpu_ratio = "1", "-", "1"
+        cpu = res["cpu_ratios_over_floor"].get(label)
+        if cpu:
+          cpu_ratio, cpu_spread = f"{np.median(cpu):.3f}", f"{min(cpu):.3f}-{max(cpu):.3f}"
+        else:
+          cpu_ratio = "-"
       lines.append(f"| {res['workload']} | {label} | {speeds[0]:.1f} | {np.median(speeds):.1f} | "
                    f"{speeds[-1]:.1f} | {ratio} | {spread} | {cpu_ratio} | {cpu_spread} | "
                    f"{np.mean(res['accuracy'][label]):.4f} | "
@@ -532,36 +604,46 @@ def main() -> None:
                       help="emnist: params and inputs")
   parser.add_argument("--end-to-end", action="store_true",
                       help="W1: also time runner.run each repeat (compiles each time)")
+  parser.add_argument("--baseline", type=Path,
+                      help="a checkout of another commit (e.g. a git worktree of the base): "
+                           "its runner block is timed too, in the same process and rotation")
   parser.add_argument("--json", type=Path, help="write every number here")
   args = parser.parse_args()
+  baseline = None if args.baseline is None else import_baseline(args.baseline.resolve())
 
   print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"load {os.getloadavg()}", flush=True)
+  if baseline is not None:
+    print(f"baseline: {args.baseline} (imported as fedjax_priv_baseline)", flush=True)
   results = []
   for name in args.workloads.split(","):
-    runs = []  # (label, experiment, floor, end-to-end config, dtype)
+    runs = []  # (label, experiment, floor, end-to-end config, dtype, config spec)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # fixed_as_poisson warns by design.
       if name == "w1":
-        config = w1_config(args.rounds)
+        spec = w1_spec(args.rounds)
+        config = from_dict(spec)
         exp = build(config)
         runs.append(("w1", exp, make_w1_floor(exp), config if args.end_to_end else None,
-                     jnp.float32))
+                     jnp.float32, spec))
       elif name == "cnn":
-        exp = build(cnn_config(args.cnn_rounds, args.cnn_cohort, args.cnn_steps, args.cnn_batch))
-        runs.append(("cnn", exp, make_cnn_floor(exp), None, jnp.float32))
+        spec = cnn_spec(args.cnn_rounds, args.cnn_cohort, args.cnn_steps, args.cnn_batch)
+        exp = build(from_dict(spec))
+        runs.append(("cnn", exp, make_cnn_floor(exp), None, jnp.float32, spec))
       elif name == "emnist":
+        if baseline is not None:
+          raise SystemExit("--baseline times the config workloads (w1, cnn), not emnist")
         dtype = DTYPES[args.dtype]
         for k in (int(v) for v in args.cohorts.split(",")):
           exp = emnist_experiment(k, args.emnist_rounds, args.emnist_steps, args.emnist_batch,
                                   args.emnist_image, args.chunk)
           runs.append((f"emnist K={k} {args.dtype}", exp,
                        make_user_dp_floor(exp, chunk=args.chunk, dtype=dtype, hp=EMNIST_HP),
-                       None, dtype))
+                       None, dtype, None))
       else:
         raise SystemExit(f"unknown workload {name!r}")
-    for label, exp, floor, end_to_end, dtype in runs:
+    for label, exp, floor, end_to_end, dtype, spec in runs:
       epsilon = _epsilon(exp)
       print(f"{label}: {exp.train.num_clients} clients, cohort "
             f"{int(exp.participation.expected_cohort_size)}, {exp.settings.rounds} rounds, "
@@ -572,7 +654,10 @@ def main() -> None:
             flush=True)
       try:
         repeats = args.cnn_repeats if label == "cnn" else args.repeats
-        res = time_workload(label, exp, floor, repeats, end_to_end, dtype)
+        with warnings.catch_warnings():
+          warnings.simplefilter("ignore")
+          base = None if baseline is None else (baseline.build_config(spec), baseline)
+        res = time_workload(label, exp, floor, repeats, end_to_end, dtype, base)
       except Exception as error:  # An out-of-memory cohort must not end a GPU run.
         if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
           raise

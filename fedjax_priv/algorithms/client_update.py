@@ -141,9 +141,9 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
       if error is not None:
         raise ValueError(f"example_dp.clipping='ghost' cannot run on this model: {error}")
 
-  def mean_loss(params, x, y, mask):
+  def mean_loss(params, x, y, mask, count):
     losses = example_losses(model, params, x, y)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(losses * mask)
+    return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), jnp.sum(losses * mask)
 
   def clipped_sum_on_first(size, params, x, y, mask):
     clipped_sum, losses, _ = clipped_gradient_sum(model, params, x[:size], y[:size], mask[:size],
@@ -169,16 +169,17 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
 
   def step(carry, inputs, start_params, correction):
     params, opt_state = carry
-    x, y, mask, step_key = inputs
+    x, y, mask, count, step_key = inputs
     # Padding must contribute exactly zero: 0 * NaN is NaN, so a non-finite
     # padded (or unsampled) example would otherwise poison the whole client,
     # through the loss and through its gradient.
     x = jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)) > 0, x, jnp.zeros_like(x))
     if example_dp is None:
-      (_, loss_sum), grad = jax.value_and_grad(mean_loss, has_aux=True)(params, x, y, mask)
+      (_, loss_sum), grad = jax.value_and_grad(mean_loss, has_aux=True)(params, x, y, mask,
+                                                                        count)
       # A step with no real example (padding) must leave params and optimizer
       # state untouched; optimizers such as Adam move even on a zero gradient.
-      active = jnp.sum(mask) > 0
+      active = count > 0
     else:
       grad, loss_sum = dp_sgd_gradient(params, x, y, mask, step_key)
       # A DP-SGD step always releases its noisy update, even for an empty batch.
@@ -191,7 +192,7 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
     new_params = optax.apply_updates(params, updates)
     carry = (tree_util.select(active, new_params, params),
              tree_util.select(active, new_opt_state, opt_state))
-    return carry, (loss_sum, jnp.sum(mask), active.astype(jnp.float32))
+    return carry, loss_sum
 
   def train(start_params, x, y, mask, key=None, correction=None):
     if key is None and example_dp is not None:
@@ -199,10 +200,18 @@ def make_local_training(model: Model, optimizer: optax.GradientTransformation,
     # Plain training draws no randomness, so it may run without a key.
     step_keys = None if key is None else jax.random.split(key, x.shape[0])
     init = (start_params, optimizer.init(start_params))
-    (params, _), (loss_sums, counts, active) = jax.lax.scan(
+    # Each step's real-example count depends on the mask alone, so all S are
+    # taken before the scan: one reduction per client instead of one in
+    # every step, and the scan emits one metric per step, not three
+    # (each a kernel of its own on XLA:CPU; `runner_vs_floor.py`).
+    counts = jnp.sum(mask.reshape(mask.shape[0], -1), axis=1)
+    (params, _), loss_sums = jax.lax.scan(
         functools.partial(step, start_params=start_params, correction=correction), init,
-        (x, y, mask, step_keys))
-    return params, ClientMetrics(jnp.sum(loss_sums), jnp.sum(counts), jnp.sum(active))
+        (x, y, mask, counts, step_keys))
+    # A DP-SGD step always updates; a plain one only with a real example.
+    steps = jnp.float32(x.shape[0]) if example_dp is not None else jnp.sum(
+        (counts > 0).astype(jnp.float32))
+    return params, ClientMetrics(jnp.sum(loss_sums), jnp.sum(counts), steps)
 
   return train
 

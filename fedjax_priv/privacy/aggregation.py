@@ -12,7 +12,10 @@ needs it (optax style: the state is explicit, keys are explicit):
       -> (update, new_state, stats)
 
 The builder sets the weight of padded slots and of clients whose delta is not
-finite to zero (their delta is replaced by zeros before `prepare`), so
+finite to zero, and replaces the prepared contribution of a non-finite client
+by zeros (for aggregators with `sums_nonfinite_as_zero` it replaces the delta
+by zeros before `prepare` instead), so `prepare` must be a pure function that
+tolerates a NaN or infinite delta (its outputs are then discarded) and
 `group_sum` must give a zero-weight slot no influence. The default sums are
 the float weighted sum (a dot product) and addition; secure aggregators
 replace them with modular integer sums. `stats` are dicts of float32 scalars:
@@ -157,8 +160,10 @@ class Aggregator(NamedTuple):
   `privacy` is the mechanism's own statement of what one round releases
   (None: no guarantee, e.g. the FedAvg mean or a secure sum without noise).
   `sums_nonfinite_as_zero`: a client whose update is not finite still
-  enters the sum, with a zero update; distributed-DP aggregators need it,
-  because each client's contribution carries its share of the noise.
+  enters the sum, prepared from a zero update; distributed-DP aggregators
+  need it, because each client's contribution carries its share of the
+  noise. Without it, `prepare` sees the client's non-finite delta and the
+  builder discards what it returns.
   """
   init: Callable
   prepare: Callable

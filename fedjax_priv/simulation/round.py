@@ -4,9 +4,12 @@ A round takes the server state, a `ClientBatch` for the cohort ([K, S, B, ...])
 and a PRNG key, and returns the new server state and a dict of scalar metrics:
 
   1. every client trains locally from the server params (client_update);
-  2. a client whose delta is not finite is zeroed and counted, never averaged in;
-  3. the aggregator prepares each delta (e.g. clips it) and gives it a weight;
+  2. the aggregator prepares each delta (e.g. clips it) and gives it a weight;
      padded client slots get weight 0;
+  3. a client whose delta is not finite is counted and never averaged in: its
+     prepared delta is zeroed and its weight is 0 (for distributed-DP
+     aggregators, which add a noise share per client, its delta is zeroed
+     before `prepare` and it enters the sum with a zero update);
   4. the prepared deltas are summed over the cohort with the aggregator's
      `group_sum` (by default a weighted sum written as a dot product);
   5. the aggregator finalizes the sum once (e.g. adds noise, divides by the
@@ -96,19 +99,31 @@ def per_client_fn(client_update: StatefulClientUpdate, aggregator: Aggregator):
     train_key, agg_key = jax.random.split(key)
     delta, new_client_state, metrics = client_update(state, client_state, x, y, mask, train_key)
     finite = tree_util.all_finite((delta, new_client_state))
-    delta = tree_util.select(finite, delta, tree_util.zeros_like(delta))
-    ctx = ClientContext(slot, agg_key, round_key, cohort_mask)
-    prepared, weight, stats = aggregator.prepare(state.aggregator_state, delta, num_examples, ctx)
     keep = client_mask * finite.astype(jnp.float32)
-    # A distributed-DP client with a non-finite update still sends its noise
-    # share (with the zero update above); any other one is left out.
-    enters = client_mask if aggregator.sums_nonfinite_as_zero else keep
+    ctx = ClientContext(slot, agg_key, round_key, cohort_mask)
+    zero_if_nonfinite = lambda tree: tree_util.select(finite, tree, tree_util.zeros_like(tree))
+    if aggregator.sums_nonfinite_as_zero:
+      # A distributed-DP client with a non-finite update still sends its
+      # noise share, prepared from a zero update; it enters the sum.
+      prepared, weight, stats = aggregator.prepare(
+          state.aggregator_state, zero_if_nonfinite(delta), num_examples, ctx)
+      enters = client_mask
+    else:
+      # Any other one is left out: its prepared contribution is zeroed and
+      # weighted 0 after `prepare`, which gives the sum the same value as
+      # zeroing the delta before it, without a pass that writes the zeroed
+      # delta out (XLA:CPU fuses this select into prepare's last
+      # elementwise pass, e.g. the clip scaling).
+      prepared, weight, stats = aggregator.prepare(state.aggregator_state, delta, num_examples,
+                                                   ctx)
+      prepared = zero_if_nonfinite(prepared)
+      enters = keep
     # jnp.where, not a product: 0 * NaN is NaN and would poison the sums.
     scalars = {name: jnp.where(keep > 0, value, 0.0) for name, value in
                {"loss_sum": metrics.loss_sum, "examples_seen": metrics.examples_seen,
                 **stats}.items()}
     scalars.update(clients=keep, nonfinite_clients=client_mask * (1.0 - finite),
-                   weight=weight * enters)
+                   weight=jnp.where(enters > 0, weight, 0.0))
     # Only a finite contribution that entered the sum may advance the
     # client's state, so the server's view (e.g. SCAFFOLD's c, built from the
     # summed dc_i) never drifts from the states the clients keep.

@@ -200,3 +200,7 @@ def test_l2_norm_and_all_finite():
   assert bool(tree_util.all_finite(tree))
   assert not bool(tree_util.all_finite({**tree, "c": jnp.array([jnp.nan])}))
   assert not bool(tree_util.all_finite({**tree, "c": jnp.array([-jnp.inf])}))
+  # Compiled and vmapped as the round runs it; huge finite values are finite.
+  rows = jnp.array([[3e38, -3e38], [1.0, jnp.nan], [jnp.inf, 0.0], [-3e38, 3e38]])
+  flags = jax.jit(jax.vmap(tree_util.all_finite))(rows)
+  np.testing.assert_array_equal(flags, [True, False, False, True])
