@@ -90,7 +90,6 @@ import argparse
 import atexit
 import importlib
 import json
-import math
 import os
 import platform
 import re
