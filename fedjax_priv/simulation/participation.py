@@ -579,7 +579,7 @@ class MinSeparation(_MinSeparated):
 
 
 @dataclasses.dataclass(frozen=True)
-class CyclicPoisson:
+class CyclicPoisson(_MinSeparated):
   """Cyclic Poisson: b fixed seeded groups of N // b; round r Poisson-samples group r mod b at q.
 
   q = expected_cohort_size / (N // b). Each user is eligible once every b
@@ -629,15 +629,14 @@ class CyclicPoisson:
     """q: the probability that an eligible user joins its group's round."""
     return self.expected_cohort_size / (self.num_clients // self.num_groups)
 
-  def max_participations(self, rounds: int) -> int:
-    return -(-check_int("rounds", rounds, 1) // self.num_groups)
+  @functools.cached_property
+  def overflow_probability_per_round(self) -> float:
+    """P[Binomial(N // b, q) > capacity]: the population is fixed (zero-out)."""
+    return self.sampler(0).overflow_probability_per_round
 
   def sampler(self, seed: int) -> CyclicPoissonSampler:
     return CyclicPoissonSampler(self.num_clients, self.num_groups, self.sampling_rate, seed,
                                 self.capacity)
-
-  def relation(self, privacy: RoundPrivacy):
-    return _first_supported(privacy, (ZERO_OUT, REPLACE_ONE), self.name)
 
   def _amplified(self, privacy: RoundPrivacy) -> bool:
     if privacy.participation is None:
@@ -647,19 +646,17 @@ class CyclicPoisson:
   def round_event(self, privacy: RoundPrivacy, round_index: int, accountant: str = "rdp"
                   ) -> dp_accounting.DpEvent:
     """The DpEvent of round `round_index` (0-based); the same under either accountant."""
+    if not self._amplified(privacy):
+      return super().round_event(privacy, round_index, accountant)
     round_index = check_int("round_index", round_index, 0)
     _check_accountant(accountant)
-    if not self._amplified(privacy):
-      return _separated_round_event(privacy, round_index,
-                                    self.max_participations(privacy.rounds_per_event),
-                                    self.num_groups, repr(self))
-    self.relation(privacy)
+    relation = self.relation(privacy)
     if privacy.participation is None:
-      event = privacy.event(self.relation(privacy))
+      event = privacy.event(relation)
     else:
       # The (k, b) the noise was calibrated for must still hold.
       _check_pattern(privacy, round_index, self.max_participations(privacy.rounds_per_event),
-                     self.num_groups, repr(self))
+                     self.min_separation, repr(self))
       event = dp_accounting.GaussianDpEvent(privacy.banded[1])
     if round_index % self.num_groups:
       return dp_accounting.NoOpDpEvent()
@@ -667,11 +664,11 @@ class CyclicPoisson:
 
   def charged_overflow_probability(self, privacy: RoundPrivacy, accountant: str = "rdp"
                                    ) -> float:
-    """P[Binomial(N // b, q) > capacity] where amplification is claimed, else 0."""
-    _check_accountant(accountant)
+    """`overflow_probability_per_round` where amplification is claimed, else 0."""
     if not self._amplified(privacy):
-      return 0.0
-    return self.sampler(0).overflow_probability_per_round
+      return super().charged_overflow_probability(privacy, accountant)
+    _check_accountant(accountant)
+    return self.overflow_probability_per_round
 
 
 Participation = (Full | FixedSize | Poisson | ShuffledEpochs | Cyclic | CyclicPoisson | BallsInBins
