@@ -232,35 +232,6 @@ def sum_chunks(group, chunks, aggregator: Aggregator, carry=()):
   return summed, totals, jnp.concatenate([weights, rest_weights.reshape(-1)]), carry
 
 
-def _finalize_in_own_kernels(aggregator: Aggregator, state: ServerState, summed, total_weight,
-                             ctx: RoundContext):
-  """`aggregator.finalize`, whose update XLA:CPU computes once, not once per consumer.
-
-  The update feeds the server optimizer and the `update_norm` metric. XLA:CPU
-  fuses cheap producers into every consumer, so a noisy update was computed
-  two to four times a round, its Threefry hash included (one coordinate of
-  noise is ~100 integer operations): a W1 round ran about 10 % slower than
-  with one consumer (`experiments/benchmarks/runner_vs_floor.py`). A conditional is
-  a boundary XLA:CPU's fusion does not cross and keeps while its predicate is
-  not a constant; both branches are the identity, so the predicate (the round
-  counter, always >= 0) changes nothing but where the update is
-  materialised. Only the update goes through it: a conditional's outputs get
-  buffers of their own, so passing the aggregator state through it would copy
-  the whole state twice a round (BandMF's 64-band ring at d = 10^6 is 271 MB:
-  `experiments/results/mf_round_cost.md`). Other platforms skip it: a GPU
-  conditional would read its predicate on the host. Under a `vmap` that
-  batches the round counter the conditional becomes a select of two equal
-  operands: correct, one extra pass over the update.
-  """
-  update, aggregator_state, stats = aggregator.finalize(state.aggregator_state, summed,
-                                                        total_weight, ctx)
-  keep = lambda update: update
-  apart = lambda round_index, update: jax.lax.cond(round_index >= 0, keep, keep, update)
-  update = jax.lax.platform_dependent(state.round, update, cpu=apart,
-                                      default=lambda round_index, update: update)
-  return update, aggregator_state, stats
-
-
 def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_optimizer):
   """Finalizes the cohort's sum, applies the server optimizer and forms the round's metrics.
 
@@ -268,8 +239,8 @@ def finish_round(state, summed, totals, ctx: RoundContext, aggregator, server_op
   `sum_chunks`, this) are shared with `simulation.sharding`, which runs them
   per device.
   """
-  update, aggregator_state, agg_stats = _finalize_in_own_kernels(
-      aggregator, state, summed, totals.pop("weight"), ctx)
+  update, aggregator_state, agg_stats = aggregator.finalize(
+      state.aggregator_state, summed, totals.pop("weight"), ctx)
   new_state = server_update(state, update, server_optimizer)._replace(
       aggregator_state=aggregator_state)
   clients = jnp.maximum(totals["clients"], 1.0)
