@@ -15,9 +15,12 @@ sum_i m_i min(1, C / ||g_i||) g_i (m_i the example's mask). Two ways:
   or "ghost" form, cost T^2 (d_in + d_out) for T positions) or by forming
   a_i^T b_i (cost T d_in d_out), whichever is cheaper (the mixed rule);
   convolutions use their im2col patches as a_i, embeddings their one-hot
-  token ids, whose Gram matrix is token equality. The clipped sum is then a
-  second backward pass through the same linearisation with per-example loss
-  weights m_i min(1, C / ||g_i||).
+  token ids, whose Gram matrix is token equality. The clipped sum is then
+  formed from the same a_i and b_i, with per-example weights
+  w_i = m_i min(1, C / ||g_i||): the layer's kernel part is
+  sum_i w_i a_i^T b_i, one matrix product over the batch, and its bias part
+  sum_i w_i sum_t b_i,t. This is the book-keeping of Bu et al. (2023): no
+  second backward pass, which would recompute every b_i scaled by w_i.
 
 Both give the same numbers up to float rounding. Ghost norms need every
 parameter of the model to belong to exactly one call of a `flax.linen` Dense,
@@ -33,6 +36,9 @@ References:
     Differentially Private Learners", ICLR 2022 (ghost clipping).
   Bu, Mao, Xu, "Scalable and Efficient Training of Large Convolutional Neural
     Networks with Differential Privacy", NeurIPS 2022 (mixed ghost clipping).
+  Bu, Wang, Zha, Karypis, "Differentially Private Optimization on Large Model
+    at Small Cost", ICML 2023 (book-keeping: the clipped sum without a second
+    backward pass).
 """
 
 from __future__ import annotations
@@ -185,8 +191,7 @@ def _plan(model, params, x, y) -> _Plan:
   ghost = [c.path not in reasons for c in calls]
   covered = {(*c.path, name) for c, g in zip(calls, ghost) if g for name in _param_names(c.module)}
   materialised, notes, ghost_size, total = [], [], 0, 0
-  for index, (key_path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
-    names = tuple(str(getattr(k, "key", k)) for k in key_path)
+  for index, (names, leaf) in enumerate(zip(_leaf_names(params), jax.tree.leaves(params))):
     total += math.prod(leaf.shape)
     if names in covered:
       ghost_size += math.prod(leaf.shape)
@@ -208,6 +213,12 @@ def ghost_coverage(model: Model, params: Any, x: jax.Array, y: jax.Array) -> Gho
     x: [B, *input_shape] inputs (arrays or shapes); y: [B] int32 labels.
   """
   return _plan(model, params, x, y).coverage
+
+
+def _leaf_names(params) -> list[tuple[str, ...]]:
+  """Each leaf's path in the params tree as names, in `jax.tree.leaves` order."""
+  return [tuple(str(getattr(k, "key", k)) for k in key_path)
+          for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _param_names(module: nn.Module) -> tuple[str, ...]:
@@ -265,12 +276,44 @@ def _layer_sq_norm(module: nn.Module, a: jax.Array, b: jax.Array) -> jax.Array:
   return kernel + bias
 
 
+def _weighted_layer_gradients(module: nn.Module, a: jax.Array, b: jax.Array,
+                              weights: jax.Array) -> dict[str, jax.Array]:
+  """sum_i weights_i (example i's gradient of this layer's params), by param name (float32).
+
+  a, b: the layer's inputs and output gradients for the batch, [B, ...];
+  weights: [B]. The kernel part is rows_a^T (weights * rows_b) over all the
+  batch's rows, the product the layer's backward pass would form.
+  """
+  rows_a, rows_b = jax.vmap(lambda a, b: _rows(module, a, b))(a, b)
+  rows_b = rows_b.astype(jnp.float32) * weights[:, None, None]
+  rows_b = rows_b.reshape(-1, rows_b.shape[-1])
+  if isinstance(module, nn.Embed):
+    table = jnp.zeros((module.num_embeddings, rows_b.shape[-1]), jnp.float32)
+    return {"embedding": table.at[rows_a.reshape(-1)].add(rows_b)}
+  rows_a = rows_a.reshape(-1, rows_a.shape[-1])
+  kernel = jnp.matmul(rows_a.T, rows_b.astype(rows_a.dtype),
+                      preferred_element_type=jnp.float32)
+  if isinstance(module, nn.Conv):
+    # Patches order their features channel-major (C_in, *window); flax's
+    # kernel is (*window, C_in, C_out).
+    channels = a.shape[-1]
+    kernel = kernel.reshape(channels, -1, kernel.shape[-1])
+    window = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(
+        module.kernel_size)
+    kernel = jnp.moveaxis(kernel, 0, 1).reshape(*window, channels, kernel.shape[-1])
+  grads = {"kernel": kernel}
+  if module.use_bias:
+    grads["bias"] = jnp.sum(rows_b, axis=0)
+  return grads
+
+
 def _ghost(model, params, x, y, mask, clip_norm, plan: _Plan) -> ClippedSum:
   """Ghost norms, plus per-example gradients of the parameters in `plan.materialised`.
 
   Those parameters enter each example's forward pass as a per-example copy
-  [B, ...], so the backward pass returns their per-example gradients; the
-  others are shared, so it returns only their batch sum.
+  [B, ...], so the one backward pass returns their per-example gradients;
+  the shared parameters' batch gradient it would also return is not used
+  (under jit, not computed): their clipped sum is book-kept per layer.
   """
   batch = x.shape[0]
   leaves, treedef = jax.tree.flatten(params)
@@ -301,13 +344,16 @@ def _ghost(model, params, x, y, mask, clip_norm, plan: _Plan) -> ClippedSum:
   norms = jnp.sqrt(sq_norms)
   if clip_norm is None:
     return ClippedSum(None, losses, norms)
-  # The second backward pass through the same linearisation: the gradient of
-  # sum_i w_i loss_i is the clipped sum, with nothing per-example kept.
-  weights = mask * clip_factor(norms, clip_norm)
-  grad_sum, _, copy_sums = vjp(weights.astype(losses.dtype))
-  grad_leaves = jax.tree.leaves(grad_sum)
-  for i, g in zip(plan.materialised, copy_sums):
-    grad_leaves[i] = jnp.sum(g, axis=0)
+  weights = (mask * clip_factor(norms, clip_norm)).astype(jnp.float32)
+  grad_leaves = [None] * len(leaves)
+  for i, g in zip(plan.materialised, copy_grads):
+    grad_leaves[i] = jnp.tensordot(weights, g.astype(jnp.float32), 1)
+  index = {names: i for i, names in enumerate(_leaf_names(params))}
+  for call, ghost, a, b in zip(plan.calls, plan.ghost, inputs, output_grads):
+    if ghost:
+      for name, g in _weighted_layer_gradients(call.module, a, b, weights).items():
+        grad_leaves[index[(*call.path, name)]] = g
+  grad_leaves = [g.astype(leaf.dtype) for g, leaf in zip(grad_leaves, leaves)]
   return ClippedSum(jax.tree.unflatten(treedef, grad_leaves), losses, norms)
 
 

@@ -41,6 +41,19 @@ class _Shared(nn.Module):
     return nn.Dense(NUM_CLASSES)(nn.relu(x))
 
 
+class _ConvShapes(nn.Module):
+  """Convolutions whose kernel layout the book-kept sum must rebuild from patches:
+  rectangular, strided, VALID, dilated, 1-D, and a Dense without bias."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (2, 3), strides=(2, 1), padding="VALID")(x))     # [B, 4, 6, 3]
+    x = nn.relu(nn.Conv(2, (3, 2), kernel_dilation=(1, 2), padding="SAME")(x))
+    x = x.reshape((x.shape[0], -1, 2))                                        # [B, 24, 2]
+    x = nn.relu(nn.Conv(4, 3, strides=2, use_bias=False)(x))                 # 1-D
+    return nn.Dense(NUM_CLASSES, use_bias=False)(x.reshape((x.shape[0], -1)))
+
+
 def _tokens(rng):
   # Few distinct tokens per example, so repeated ids exercise the token-equality Gram.
   return rng.integers(0, 4, (B, SEQ)).astype(np.float32)
@@ -53,6 +66,8 @@ MODELS = {
                 lambda rng: rng.normal(size=(B, 8, 8, 1))),
     "cnn_patches": (lambda: cnn((8, 8, 1), NUM_CLASSES, (3, 4), 5, conv_impl="patches"),
                     lambda rng: rng.normal(size=(B, 8, 8, 1))),
+    "conv_shapes": (lambda: from_linen(_ConvShapes(), (8, 6, 2), NUM_CLASSES),
+                    lambda rng: rng.normal(size=(B, 8, 6, 2))),
     "embed": (lambda: from_linen(_TokenModel(), (SEQ,), NUM_CLASSES), _tokens),
     "shared": (lambda: from_linen(_Shared(), (4,), NUM_CLASSES),
                lambda rng: rng.normal(size=(B, 4))),
