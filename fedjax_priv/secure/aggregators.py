@@ -44,6 +44,12 @@ only sign of it. A `threshold` below floor(h / 2) + 1 of the h share holders
 per client is refused (a minority of holders could then reconstruct a
 client's secrets, the majority condition of Bonawitz et al. 2017, Sec. 4 and
 Bell et al. 2020), and one above h, since no secret could ever be recovered.
+SecAgg's default threshold is a majority of the round's own R real clients,
+floor(R / 2) + 1, as the server fixes it once R clients have advertised
+their keys: the shares are drawn for the largest threshold the K slots
+allow and the polynomials' coefficients above degree floor(R / 2) are zero
+(`shamir.share(..., active=)`), so a Poisson cohort smaller than K / 2 + 1
+is still unmasked.
 
 Neighbouring relation: none of its own. Masking and quantisation add no
 privacy: the server learns the survivors' quantised sum. With `clip_norm`
@@ -86,8 +92,8 @@ def _raise_if_failed(failed, survivors, dropouts, threshold):
   if failed:
     raise SecureSumFailed(
         f"secure aggregation failed: {int(survivors)} clients survived and {int(dropouts)} "
-        f"dropped; some client's secret has fewer than threshold t={threshold} surviving "
-        "share holders, so the masks cannot be removed")
+        f"dropped; some client's secret has fewer than threshold t={int(threshold)} "
+        "surviving share holders, so the masks cannot be removed")
 
 
 def _raise_if_above(real, max_cohort):
@@ -99,18 +105,23 @@ def _raise_if_above(real, max_cohort):
 _host_graph = jax.jit(secagg.masking_graph, static_argnums=2)
 
 
-def check_threshold(cohort_mask, included, threshold: int, neighbours: int | None = None,
-                    round_key=None) -> None:
+def check_threshold(cohort_mask, included, threshold: int | None,
+                    neighbours: int | None = None, round_key=None) -> None:
   """Host-side check that the round can be unmasked; raises SecureSumFailed if not.
 
   Args:
     cohort_mask, included: [K] arrays as in RoundContext.
-    threshold: t.
+    threshold: t; None for SecAgg's default, a majority of the round's R
+      real clients (floor(R / 2) + 1).
     neighbours: the SecAgg+ degree (needs round_key for the graph), or None
       for the complete graph, where t survivors suffice.
   """
   real = np.asarray(cohort_mask) > 0
   alive = real & (np.asarray(included) > 0)
+  if threshold is None:
+    if neighbours is not None:
+      raise ValueError("threshold=None is SecAgg's default (complete graph); give SecAgg+'s t")
+    threshold = int(real.sum()) // 2 + 1
   if neighbours is None:
     ok = alive.sum() >= threshold
   else:
@@ -170,7 +181,11 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
       k (see secagg.default_degree).
     threshold: t, shares needed to recover a secret, in [floor(h / 2) + 1, h]
       for the h holders per client (K slots for SecAgg, k + 1 for
-      SecAgg+); default floor(h / 2) + 1, fixed when the round is traced.
+      SecAgg+), fixed when the round is traced. Default: for SecAgg, a
+      majority of each round's R real clients, floor(R / 2) + 1 (with
+      Poisson cohorts R varies below the K slots, and a majority of K would
+      fail every round with fewer than K / 2 + 1 survivors); for SecAgg+,
+      floor((k + 1) / 2) + 1.
     dropout_rate: probability in [0, 1) that a client drops after masking.
     prg: mask PRG, "hash" or "threefry" (secagg.prg).
     raise_on_failure: raise SecureSumFailed at run time when unmasking is
@@ -188,7 +203,8 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
   Returns:
     An Aggregator. prepare's stats: delta_norm, secagg_dropped (the fraction
     of clients the simulation dropped). finalize's stats: secagg_survivors,
-    secagg_dropouts, secagg_failed, secagg_bytes_per_client,
+    secagg_dropouts, secagg_threshold (the t used), secagg_failed,
+    secagg_bytes_per_client,
     secagg_expansion, quant_error_l2 (RMS bound on the update's rounding
     error), quant_range_used, and with clip_norm quant_overflow_ratio.
   """
@@ -251,7 +267,10 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
       raise ValueError(f"neighbours={neighbours} needs more than {num_slots} cohort slots; "
                        "use neighbours=None (complete graph) for small cohorts")
     graph = secagg.masking_graph(ctx.cohort_mask, ctx.round_key, neighbours)
-    return graph, secagg.default_threshold(graph) if threshold is None else threshold
+    if threshold is None and neighbours is not None:
+      return graph, secagg.default_threshold(graph)
+    # SecAgg's default (None): a majority of the round's real clients.
+    return graph, threshold
 
   def prepare(state, delta, num_examples, ctx):
     del num_examples  # Weights only select; weighting would break the masks.
@@ -280,8 +299,8 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     plain, ok, stats = secagg.unmask(received, graph, secrets, ctx.round_key, ctx.cohort_mask,
                                      ctx.included, bits, t, neighbours is None, prg, mask_chunk)
     if raise_on_failure:
-      jax.debug.callback(functools.partial(_raise_if_failed, threshold=t), ~ok,
-                         stats["secagg_survivors"], stats["secagg_dropouts"])
+      jax.debug.callback(_raise_if_failed, ~ok, stats["secagg_survivors"],
+                         stats["secagg_dropouts"], stats["secagg_threshold"])
     if max_cohort is not None:
       jax.debug.callback(functools.partial(_raise_if_above, max_cohort=max_cohort),
                          jnp.sum(ctx.cohort_mask > 0))

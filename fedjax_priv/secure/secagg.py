@@ -366,9 +366,11 @@ def default_threshold(graph: Graph) -> int:
 
 
 def _recover(needed: jax.Array, graph: Graph, alive: jax.Array, threshold: int,
-             key: jax.Array, complete: bool) -> tuple[jax.Array, jax.Array]:
+             key: jax.Array, complete: bool, active: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
   """Shares every client's needed secret and reconstructs it from t surviving holders.
 
+  `active` (complete graph only): a traced t' <= threshold used instead of it.
   Returns (reconstructed uint32[K], enough bool[K]: at least t holders survived).
   """
   num_slots = alive.shape[0]
@@ -377,21 +379,22 @@ def _recover(needed: jax.Array, graph: Graph, alive: jax.Array, threshold: int,
     # every owner, so the Lagrange weights are computed once.
     holders = jnp.argsort(~alive, stable=True)[:threshold]
     xs = (holders + 1).astype(jnp.uint32)
-    shares = shamir.share(key, needed, xs, threshold)
-    enough = jnp.broadcast_to(jnp.sum(alive) >= threshold, (num_slots,))
-  else:
-    slots = jnp.arange(num_slots)
-    holders = jnp.concatenate([slots[:, None], graph.neighbours], axis=1)
-    ok = alive[holders] & jnp.concatenate([jnp.ones((num_slots, 1), bool), graph.valid], 1)
-    pick = jnp.argsort(~ok, axis=1, stable=True)[:, :threshold]
-    xs = (jnp.take_along_axis(holders, pick, 1) + 1).astype(jnp.uint32)
-    shares = shamir.share(key, needed, xs, threshold)
-    enough = jnp.sum(ok, axis=1) >= threshold
+    shares = shamir.share(key, needed, xs, threshold, active)
+    used = threshold if active is None else active
+    enough = jnp.broadcast_to(jnp.sum(alive) >= used, (num_slots,))
+    return shamir.reconstruct(xs, shares, active), enough
+  slots = jnp.arange(num_slots)
+  holders = jnp.concatenate([slots[:, None], graph.neighbours], axis=1)
+  ok = alive[holders] & jnp.concatenate([jnp.ones((num_slots, 1), bool), graph.valid], 1)
+  pick = jnp.argsort(~ok, axis=1, stable=True)[:, :threshold]
+  xs = (jnp.take_along_axis(holders, pick, 1) + 1).astype(jnp.uint32)
+  shares = shamir.share(key, needed, xs, threshold)
+  enough = jnp.sum(ok, axis=1) >= threshold
   return shamir.reconstruct(xs, shares), enough
 
 
 def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Array,
-           cohort_mask: jax.Array, included: jax.Array, bits: int, threshold: int,
+           cohort_mask: jax.Array, included: jax.Array, bits: int, threshold: int | None,
            complete: bool, kind: str = "hash", chunk: int = 16
            ) -> tuple[jax.Array, jax.Array, dict]:
   """The survivors' plain sum from the sum of their masked inputs.
@@ -402,7 +405,9 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
     cohort_mask: [K], 1.0 for real clients.
     included: [K], 1.0 for the clients whose masked input is in `total`.
     bits: modulus exponent.
-    threshold: t, shares needed per secret.
+    threshold: t, shares needed per secret; None (complete graph only): a
+      majority of the round's R real clients, floor(R / 2) + 1, as the
+      server would set it once R clients have advertised their keys.
     complete: True for the complete graph (SecAgg), False for SecAgg+.
     kind: the PRG used for masking.
     chunk: clients per vmapped chunk when regenerating masks.
@@ -410,20 +415,29 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
   Returns:
     (sum uint32[d], ok bool scalar, stats). ok is False when some client's
     secret had fewer than t surviving holders; the sum is then meaningless.
-    stats: survivors, dropouts (float32 counts).
+    stats: survivors, dropouts, threshold (float32).
   """
   num_slots, dim = cohort_mask.shape[0], total.shape[-1]
   holders = num_slots if complete else graph.neighbours.shape[1] + 1
+  real = cohort_mask > 0
+  active = None
+  if threshold is None:
+    if not complete:
+      raise ValueError("threshold=None (a majority of the round's clients) needs the complete "
+                       "graph; SecAgg+ takes an int threshold")
+    # The static bound (a majority of all K slots) sizes the shares; the
+    # round's own majority, at most that, is the degree actually used.
+    threshold = default_threshold(graph)
+    active = jnp.sum(real).astype(jnp.int32) // 2 + 1
   if not (isinstance(threshold, int) and 1 <= threshold <= holders):
     raise ValueError(f"threshold must be an int in [1, {holders}] (share holders per client), "
                      f"got {threshold!r}")
-  real = cohort_mask > 0
   alive = real & (included > 0)
   dropped = real & ~alive
   # The server asks for b_i of survivors and sk_j of dropped clients, never both.
   needed = jnp.where(alive, secrets.self_seed, secrets.secret_key)
   recovered, enough = _recover(needed, graph, alive, threshold,
-                               jax.random.fold_in(round_key, _SHARES), complete)
+                               jax.random.fold_in(round_key, _SHARES), complete, active)
   ok = jnp.all(enough | ~real)
   self_masks = sum_rows(alive, lambda i: prg(
       self_mask_seed(round_key, i, recovered[i]), dim, bits, kind), dim, bits, chunk)
@@ -432,7 +446,9 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
       dim, bits, chunk)
   plain = (total - self_masks + orphans) & modulus_mask(bits)
   stats = {"secagg_survivors": jnp.sum(alive).astype(jnp.float32),
-           "secagg_dropouts": jnp.sum(dropped).astype(jnp.float32)}
+           "secagg_dropouts": jnp.sum(dropped).astype(jnp.float32),
+           "secagg_threshold": jnp.asarray(threshold if active is None else active,
+                                           jnp.float32)}
   return plain, ok, stats
 
 

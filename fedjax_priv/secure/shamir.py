@@ -64,7 +64,8 @@ def _check_threshold(threshold: int) -> None:
     raise ValueError(f"threshold must be an int in [1, {PRIME}), got {threshold!r}")
 
 
-def share(key: jax.Array, secrets: jax.Array, xs: jax.Array, threshold: int) -> jax.Array:
+def share(key: jax.Array, secrets: jax.Array, xs: jax.Array, threshold: int,
+          active: jax.Array | None = None) -> jax.Array:
   """Shares of `secrets` at the points `xs` under random degree-(t-1) polynomials.
 
   Args:
@@ -73,6 +74,11 @@ def share(key: jax.Array, secrets: jax.Array, xs: jax.Array, threshold: int) -> 
     xs: uint32[..., h] holder coordinates, distinct and non-zero mod p (e.g.
       slot + 1); leading axes broadcast against `secrets`.
     threshold: t >= 1, the number of shares that reconstruct a secret.
+    active: optional traced int t' in [1, t], a threshold known only when the
+      round runs (e.g. a majority of its real clients): the coefficients of
+      degree >= t' are zero, so the polynomials have degree t' - 1 and t'
+      shares reconstruct (`reconstruct(..., active=t')`). The draws are those
+      of the static t, so active = t shares exactly as without it.
 
   Returns:
     uint32[..., h]: f_s(x) for each secret s and each of its holders x.
@@ -80,6 +86,9 @@ def share(key: jax.Array, secrets: jax.Array, xs: jax.Array, threshold: int) -> 
   _check_threshold(threshold)
   secrets = secrets.astype(jnp.uint32)
   coeffs = jax.random.randint(key, (threshold - 1, *secrets.shape), 0, PRIME).astype(jnp.uint32)
+  if active is not None:
+    degree = jnp.arange(1, threshold).reshape((-1,) + (1,) * secrets.ndim)
+    coeffs = jnp.where(degree < active, coeffs, jnp.uint32(0))
   xs = xs.astype(jnp.uint32)
   acc = jnp.zeros(jnp.broadcast_shapes(secrets.shape + (1,), xs.shape), jnp.uint32)
 
@@ -91,39 +100,47 @@ def share(key: jax.Array, secrets: jax.Array, xs: jax.Array, threshold: int) -> 
   return (mulmod(acc, xs) + secrets[..., None]) % _P
 
 
-def lagrange_at_zero(xs: jax.Array) -> jax.Array:
+def lagrange_at_zero(xs: jax.Array, active: jax.Array | None = None) -> jax.Array:
   """Coefficients l_j with f(0) = sum_j l_j f(x_j) for deg f < t.
 
   l_j = prod_{m != j} x_m / (x_m - x_j). O(t^2) per row of xs.
 
   Args:
     xs: uint32[..., t], distinct and non-zero mod p.
+    active: optional traced int t' in [1, t]: interpolate through the first
+      t' points only (deg f < t'); the other coefficients are 0.
 
   Returns:
     uint32[..., t] in [0, p).
   """
   xs = xs.astype(jnp.uint32)
   t = xs.shape[-1]
-  eye = jnp.eye(t, dtype=bool)
+  skip = jnp.eye(t, dtype=bool)
+  if active is not None:
+    used = jnp.arange(t) < active
+    skip = skip | ~used[None, :]                                  # [j, m]: leave x_m out
   others = jnp.broadcast_to(xs[..., None, :], xs.shape + (t,))   # [..., j, m] = x_m
   diffs = (others + _P - xs[..., :, None]) % _P                   # x_m - x_j
-  numerator = _prodmod(jnp.where(eye, jnp.uint32(1), others))
-  denominator = _prodmod(jnp.where(eye, jnp.uint32(1), diffs))
-  return mulmod(numerator, inverse(denominator))
+  numerator = _prodmod(jnp.where(skip, jnp.uint32(1), others))
+  denominator = _prodmod(jnp.where(skip, jnp.uint32(1), diffs))
+  weights = mulmod(numerator, inverse(denominator))
+  return weights if active is None else jnp.where(used, weights, jnp.uint32(0))
 
 
-def reconstruct(xs: jax.Array, shares: jax.Array) -> jax.Array:
+def reconstruct(xs: jax.Array, shares: jax.Array, active: jax.Array | None = None
+                ) -> jax.Array:
   """The secrets from t shares each, by Lagrange interpolation at 0.
 
   Args:
     xs: uint32[..., t] the coordinates of the shares; a row shared by many
       secrets (shape [t]) is interpolated once and broadcast.
     shares: uint32[..., t], broadcasting against xs.
+    active: optional traced int t' in [1, t]: use the first t' shares only.
 
   Returns:
-    uint32[...] in [0, p): the secrets, exact when the shares are t genuine
-    shares of polynomials of degree < t.
+    uint32[...] in [0, p): the secrets, exact when the shares (the first t'
+    with `active`) are genuine shares of polynomials of degree < t (< t').
   """
-  weights = lagrange_at_zero(xs)
+  weights = lagrange_at_zero(xs, active)
   # Each term is < p, so a sum over t < 2^16 terms stays below 2^32.
   return jnp.sum(mulmod(weights, shares.astype(jnp.uint32)), axis=-1, dtype=jnp.uint32) % _P

@@ -46,7 +46,10 @@ def _protocol(num_slots, dim, bits, degree, kind, threshold):
     alive = (cohort_mask > 0) & (included > 0)
     edgewise = secagg.add_pair_masks(quant.modular_sum(included, self_masked, bits), alive, graph,
                                      secrets, round_key, bits, kind, chunk=5)
-    t = secagg.default_threshold(graph) if threshold is None else threshold
+    if threshold == "round majority":  # SecAgg's default: set per round, traced.
+      t = None
+    else:
+      t = secagg.default_threshold(graph) if threshold is None else threshold
     plain, ok, stats = secagg.unmask(total, graph, secrets, round_key, cohort_mask, included,
                                      bits, t, degree is None, kind)
     return plain, ok, quant.modular_sum(included, x, bits), masked, stats, (total, edgewise)
@@ -98,6 +101,21 @@ def test_secagg_small_cohorts_with_low_threshold(num_real, num_dropped):
   """Cohorts of 2-5 clients with t = 2 on 8 slots, 20-bit ring, threefry masks."""
   check_sum(8, num_real, num_dropped, dim=6, bits=20, degree=None, kind="threefry",
             seed=num_real, threshold=2)
+
+
+def test_secagg_default_threshold_is_a_majority_of_the_round():
+  """20 real clients on 64 slots (a Poisson round): t = 11, not 33 of the slots; 11
+  survivors unmask the sum, 10 do not, and the host check agrees."""
+  check_sum(COMPLETE_SLOTS, 20, 9, dim=8, bits=32, degree=None, seed=3,
+            threshold="round majority")
+  x, cohort_mask, included = cohort(COMPLETE_SLOTS, 20, 10, 8, 32, seed=4)
+  _, ok, _, _, stats, _ = protocol(COMPLETE_SLOTS, 8, 32, None, threshold="round majority")(
+      x, cohort_mask, included, jax.random.key(4))
+  assert not bool(ok) and float(stats["secagg_threshold"]) == 11
+  with pytest.raises(SecureSumFailed, match="threshold t=11"):
+    check_threshold(cohort_mask, included, None)
+  first_dropped = int(np.flatnonzero(np.asarray(cohort_mask) - np.asarray(included))[0])
+  check_threshold(cohort_mask, included.at[first_dropped].set(1.0), None)  # 11 survive.
 
 
 # SecAgg+ on 4096 slots, degree 24, t = 13 of the 25 holders (self + neighbours).
@@ -288,6 +306,21 @@ def test_secure_sum_round_below_threshold_raises():
   with pytest.raises(Exception, match="threshold t=6"):
     jax.block_until_ready(secure_round("vmap")(state, make_batch(3, num_real=3),
                                                 jax.random.key(0)))
+
+
+def test_secure_sum_default_threshold_unmasks_a_small_poisson_round():
+  """Four real clients in K = 10 slots: the default threshold is 3 of them, not 6 of the
+  slots, so the round is unmasked and equals the plain quantised mean of its survivors."""
+  aggregator = secure_sum(BITS, SCALE, DENOM, clip_norm=CLIP, max_cohort=K)
+  params = jax.tree.map(jnp.zeros_like, jit(LOGREG.init)(jax.random.key(0)))
+  state = server_init(params, optax.sgd(1.0), aggregator)
+  batch, key = make_batch(4, num_real=4), jax.random.key(5)
+  round_fn = jit(build_round(CLIENT_UPDATE, aggregator, optax.sgd(1.0), "vmap"))
+  new_state, metrics = round_fn(state, batch, key)
+  assert float(metrics["secagg_failed"]) == 0 and float(metrics["secagg_threshold"]) == 3
+  expected = expected_update(state, batch, key, [k < 4 for k in range(K)])
+  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_secure_sum_rejects_bad_config():

@@ -46,6 +46,24 @@ def test_fewer_than_t_shares_do_not_reconstruct():
   assert np.mean(np.asarray(wrong) == np.asarray(secrets)) < 0.1
 
 
+def test_an_active_threshold_known_at_run_time_lowers_the_degree():
+  """Shares drawn for t = 6 with a traced active t' = 3: any 3 shares reconstruct with active=3,
+  2 do not; with t' = t the shares are those drawn without `active`."""
+  n, t = 8, 6
+  secrets = jnp.arange(500, 564, dtype=jnp.uint32)
+  xs = jnp.arange(1, n + 1, dtype=jnp.uint32)
+  share = jax.jit(lambda active: shamir.share(jax.random.key(3), secrets, xs, t, active))
+  shares = share(jnp.int32(3))
+  for subset in itertools.combinations(range(n), 3):
+    idx = np.asarray(list(subset) + [s for s in range(t) if s not in subset][:t - 3])
+    got = jax.jit(shamir.reconstruct)(xs[idx], shares[:, idx], jnp.int32(3))
+    np.testing.assert_array_equal(got, secrets)
+  wrong = shamir.reconstruct(xs[:t], shares[:, :t], jnp.int32(2))
+  assert np.mean(np.asarray(wrong) == np.asarray(secrets)) < 0.1
+  np.testing.assert_array_equal(share(jnp.int32(t)),
+                                shamir.share(jax.random.key(3), secrets, xs, t))
+
+
 def test_t_minus_1_shares_are_uniform_whatever_the_secret():
   """Secrecy: one share (t = 2) of secret 0 and of secret 5 have the same uniform law."""
   keys = jax.random.split(jax.random.key(2), 4000)
