@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -70,43 +71,84 @@ def _per_round(first_round: int, metrics: dict[str, np.ndarray]):
 class CsvWriter:
   """`rounds.csv` (one row per round) and `metrics.csv` (one row per evaluation).
 
-  Both are rewritten atomically from their records, so a resumed run (which
-  truncates to the checkpoint's round) never holds a round twice.
+  Each opens by rewriting its file (atomically) from the rows it keeps, so a
+  resumed run (which truncates to the checkpoint's round) never holds a
+  round twice, then grows by appending (`_CsvTable`).
   """
 
   def __init__(self, out_dir: Path, start_round: int, evaluations: list[dict[str, Any]]):
-    self.rounds_path = out_dir / "rounds.csv"
-    self.metrics_path = out_dir / "metrics.csv"
-    self.rounds = [row for row in _read_csv(self.rounds_path) if row["round"] <= start_round]
-    self.evaluations = list(evaluations)
+    rounds_path = out_dir / "rounds.csv"
+    kept = [row for row in _read_csv(rounds_path) if row["round"] <= start_round]
+    self.rounds = _CsvTable(rounds_path, kept)
+    self.evaluations = _CsvTable(out_dir / "metrics.csv", list(evaluations))
 
   def write_rounds(self, first_round, metrics):
-    self.rounds.extend({"round": r, **values} for r, values in _per_round(first_round, metrics))
-    _write_csv(self.rounds_path, self.rounds)
+    self.rounds.append([{"round": r, **values} for r, values in _per_round(first_round, metrics)])
 
   def write_evaluation(self, record):
-    self.evaluations.append(record)
-    _write_csv(self.metrics_path, self.evaluations)
+    self.evaluations.append([record])
 
   def close(self):
     pass
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-  columns = list(dict.fromkeys(key for row in rows for key in row))
-  text = io.StringIO()
-  writer = csv.DictWriter(text, columns, lineterminator="\n")
-  writer.writeheader()
-  writer.writerows(rows)
-  ckpt.write_atomic(path, text.getvalue().encode())
+class _CsvTable:
+  """A CSV file grown by appending rows; rewritten whole only when its columns change.
+
+  Appending keeps a run's cost linear in its rounds: rewriting the whole file
+  at every block made a 5,000-round run that evaluates every 10 rounds spend
+  15 s on it, growing with the square of the rounds. An append is one write
+  of the block's rows, flushed to disk. A kill inside it can leave a partial
+  last row, of rounds the checkpoint does not hold (the runner checkpoints
+  after writing a block's rows): the next session drops those rounds and
+  rewrites the file from the rows it keeps before appending again.
+  """
+
+  def __init__(self, path: Path, rows: list[dict[str, Any]]):
+    self.path, self.rows, self.columns = path, rows, None
+    if path.exists():
+      self._rewrite()
+
+  def append(self, rows: list[dict[str, Any]]) -> None:
+    self.rows.extend(rows)
+    columns = dict.fromkeys(key for row in rows for key in row)
+    if self.columns is None or not columns.keys() <= set(self.columns):
+      self._rewrite()
+      return
+    text = io.StringIO()
+    csv.DictWriter(text, self.columns, lineterminator="\n").writerows(rows)
+    try:
+      with open(self.path, "a", newline="") as handle:
+        handle.write(text.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as error:
+      raise ckpt.WriteError(self.path, error) from None
+
+  def _rewrite(self) -> None:
+    self.columns = list(dict.fromkeys(key for row in self.rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, self.columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(self.rows)
+    ckpt.write_atomic(self.path, text.getvalue().encode())
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
+  """The rows of a `rounds.csv`, up to the first that is not whole (a kill's partial row)."""
   if not path.exists():
     return []
+  rows = []
   with open(path, newline="") as handle:
-    return [{name: (int(value) if name == "round" else float(value)) for name, value in row.items()
-             if value != ""} for row in csv.DictReader(handle)]
+    for row in csv.DictReader(handle):
+      if None in row or None in row.values():  # Too many or too few fields.
+        break
+      try:
+        rows.append({name: (int(value) if name == "round" else float(value))
+                     for name, value in row.items() if value != ""})
+      except ValueError:
+        break
+  return rows
 
 
 class TensorBoardWriter:

@@ -130,3 +130,43 @@ def test_resumed_run_writes_each_round_once(run_dir, tmp_path, monkeypatch,
       for key in ("train_loss", "test_accuracy", "epsilon"):
         if key in w:
           assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-5), (name, key)
+
+
+def _block(first, count, **extra):
+  names = {"train_loss": np.arange(first, first + count) / 10.0, **extra}
+  return {name: np.asarray(values, np.float32) for name, values in names.items()}
+
+
+def _csv_rows(path):
+  with open(path, newline="") as handle:
+    return list(csv.DictReader(handle))
+
+
+def test_rounds_csv_grows_by_appending_and_drops_a_killed_partial_row(tmp_path):
+  """Blocks are appended to the same file (no rewrite: its inode stays); a partial last row,
+  as a kill inside an append leaves it, and every round past the checkpoint are dropped when
+  the next session opens the file, which then appends whole rows again."""
+  writer = metric_writers.CsvWriter(tmp_path, 0, [])
+  writer.write_rounds(0, _block(0, 5))
+  inode = (tmp_path / "rounds.csv").stat().st_ino
+  writer.write_rounds(5, _block(5, 5))
+  assert (tmp_path / "rounds.csv").stat().st_ino == inode
+  assert [int(r["round"]) for r in _csv_rows(tmp_path / "rounds.csv")] == list(range(1, 11))
+  for torn in ("11,1.", "1"):  # Cut inside a value; cut inside the round itself.
+    with open(tmp_path / "rounds.csv", "a") as handle:
+      handle.write(torn)
+    resumed = metric_writers.CsvWriter(tmp_path, 8, [])  # The checkpoint holds 8 rounds.
+    assert [int(r["round"]) for r in _csv_rows(tmp_path / "rounds.csv")] == list(range(1, 9))
+    resumed.write_rounds(8, _block(8, 2))
+    rows = _csv_rows(tmp_path / "rounds.csv")
+    assert [int(r["round"]) for r in rows] == list(range(1, 11))
+    assert float(rows[-1]["train_loss"]) == pytest.approx(0.9)
+
+
+def test_a_new_column_rewrites_the_file_with_every_column(tmp_path):
+  writer = metric_writers.CsvWriter(tmp_path, 0, [])
+  writer.write_rounds(0, _block(0, 2))
+  writer.write_rounds(2, _block(2, 2, secagg_failed=[0.0, 1.0]))
+  rows = _csv_rows(tmp_path / "rounds.csv")
+  assert list(rows[0]) == ["round", "train_loss", "secagg_failed"]
+  assert [r["secagg_failed"] for r in rows] == ["", "", "0.0", "1.0"]
