@@ -44,12 +44,13 @@ only sign of it. A `threshold` below floor(h / 2) + 1 of the h share holders
 per client is refused (a minority of holders could then reconstruct a
 client's secrets, the majority condition of Bonawitz et al. 2017, Sec. 4 and
 Bell et al. 2020), and one above h, since no secret could ever be recovered.
-SecAgg's default threshold is a majority of the round's own R real clients,
-floor(R / 2) + 1, as the server fixes it once R clients have advertised
-their keys: the shares are drawn for the largest threshold the K slots
-allow and the polynomials' coefficients above degree floor(R / 2) are zero
-(`shamir.share(..., active=)`), so a Poisson cohort smaller than K / 2 + 1
-is still unmasked.
+The default threshold is a majority of each client's share holders in the
+round, as the server fixes it once the round's R clients have advertised
+their keys: floor(R / 2) + 1 for SecAgg, floor(h / 2) + 1 of the
+h = min(k + 1, R) holders for SecAgg+. The shares are drawn for the largest
+threshold the K slots allow and the polynomials' coefficients above the
+round's degree are zero (`shamir.share(..., active=)`), so a Poisson cohort
+smaller than the slots' majority is still unmasked.
 
 Neighbouring relation: none of its own. Masking and quantisation add no
 privacy: the server learns the survivors' quantised sum. With `clip_norm`
@@ -111,25 +112,25 @@ def check_threshold(cohort_mask, included, threshold: int | None,
 
   Args:
     cohort_mask, included: [K] arrays as in RoundContext.
-    threshold: t; None for SecAgg's default, a majority of the round's R
-      real clients (floor(R / 2) + 1).
+    threshold: t; None for the default, a majority of each client's share
+      holders in the round (floor(R / 2) + 1 of the R real clients for the
+      complete graph).
     neighbours: the SecAgg+ degree (needs round_key for the graph), or None
       for the complete graph, where t survivors suffice.
   """
   real = np.asarray(cohort_mask) > 0
   alive = real & (np.asarray(included) > 0)
-  if threshold is None:
-    if neighbours is not None:
-      raise ValueError("threshold=None is SecAgg's default (complete graph); give SecAgg+'s t")
-    threshold = int(real.sum()) // 2 + 1
   if neighbours is None:
-    ok = alive.sum() >= threshold
+    t = int(real.sum()) // 2 + 1 if threshold is None else threshold
+    ok = alive.sum() >= t
   else:
     graph = _host_graph(jnp.asarray(cohort_mask, jnp.float32), round_key, neighbours)
     nbrs, valid = np.asarray(graph.neighbours), np.asarray(graph.valid)
-    holders = alive[:, None] + np.sum(valid & alive[nbrs], axis=1, keepdims=True)
-    ok = bool(np.all((holders[:, 0] >= threshold) | ~real))
-  _raise_if_failed(not ok, alive.sum(), (real & ~alive).sum(), threshold)
+    holders = alive + np.sum(valid & alive[nbrs], axis=1)
+    t = (1 + valid.sum(axis=1)) // 2 + 1 if threshold is None else np.full(len(real), threshold)
+    ok = bool(np.all((holders >= t) | ~real))
+    t = int(np.max(np.where(real, t, 0)))
+  _raise_if_failed(not ok, alive.sum(), (real & ~alive).sum(), t)
 
 
 def check_cohort(bits: int, scale: float, clip_norm: float | None, num_slots: int,
@@ -181,11 +182,12 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
       k (see secagg.default_degree).
     threshold: t, shares needed to recover a secret, in [floor(h / 2) + 1, h]
       for the h holders per client (K slots for SecAgg, k + 1 for
-      SecAgg+), fixed when the round is traced. Default: for SecAgg, a
-      majority of each round's R real clients, floor(R / 2) + 1 (with
-      Poisson cohorts R varies below the K slots, and a majority of K would
-      fail every round with fewer than K / 2 + 1 survivors); for SecAgg+,
-      floor((k + 1) / 2) + 1.
+      SecAgg+), fixed when the round is traced. Default: a majority of each
+      client's share holders in the round, floor(R / 2) + 1 of the R real
+      clients for SecAgg and floor(h / 2) + 1 of the h = min(k + 1, R)
+      holders for SecAgg+ (with Poisson cohorts R varies below the K slots,
+      and a majority of the slots would fail every round with fewer
+      survivors than that).
     dropout_rate: probability in [0, 1) that a client drops after masking.
     prg: mask PRG, "hash" or "threefry" (secagg.prg).
     raise_on_failure: raise SecureSumFailed at run time when unmasking is
@@ -203,7 +205,8 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
   Returns:
     An Aggregator. prepare's stats: delta_norm, secagg_dropped (the fraction
     of clients the simulation dropped). finalize's stats: secagg_survivors,
-    secagg_dropouts, secagg_threshold (the t used), secagg_failed,
+    secagg_dropouts, secagg_threshold (the t used; the largest over
+    clients for SecAgg+), secagg_failed,
     secagg_bytes_per_client,
     secagg_expansion, quant_error_l2 (RMS bound on the update's rounding
     error), quant_range_used, and with clip_norm quant_overflow_ratio.
@@ -266,11 +269,8 @@ def secure_sum(bits: int, scale: float, denominator: float, clip_norm: float | N
     if neighbours is not None and neighbours >= num_slots:
       raise ValueError(f"neighbours={neighbours} needs more than {num_slots} cohort slots; "
                        "use neighbours=None (complete graph) for small cohorts")
-    graph = secagg.masking_graph(ctx.cohort_mask, ctx.round_key, neighbours)
-    if threshold is None and neighbours is not None:
-      return graph, secagg.default_threshold(graph)
-    # SecAgg's default (None): a majority of the round's real clients.
-    return graph, threshold
+    # threshold None: set per round, a majority of each client's holders.
+    return secagg.masking_graph(ctx.cohort_mask, ctx.round_key, neighbours), threshold
 
   def prepare(state, delta, num_examples, ctx):
     del num_examples  # Weights only select; weighting would break the masks.

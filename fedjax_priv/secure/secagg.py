@@ -370,7 +370,8 @@ def _recover(needed: jax.Array, graph: Graph, alive: jax.Array, threshold: int,
              ) -> tuple[jax.Array, jax.Array]:
   """Shares every client's needed secret and reconstructs it from t surviving holders.
 
-  `active` (complete graph only): a traced t' <= threshold used instead of it.
+  `active`: a traced t' <= threshold used instead of it (a scalar for the
+  complete graph, one per client [K] for SecAgg+).
   Returns (reconstructed uint32[K], enough bool[K]: at least t holders survived).
   """
   num_slots = alive.shape[0]
@@ -388,9 +389,9 @@ def _recover(needed: jax.Array, graph: Graph, alive: jax.Array, threshold: int,
   ok = alive[holders] & jnp.concatenate([jnp.ones((num_slots, 1), bool), graph.valid], 1)
   pick = jnp.argsort(~ok, axis=1, stable=True)[:, :threshold]
   xs = (jnp.take_along_axis(holders, pick, 1) + 1).astype(jnp.uint32)
-  shares = shamir.share(key, needed, xs, threshold)
-  enough = jnp.sum(ok, axis=1) >= threshold
-  return shamir.reconstruct(xs, shares), enough
+  shares = shamir.share(key, needed, xs, threshold, active)
+  enough = jnp.sum(ok, axis=1) >= (threshold if active is None else active)
+  return shamir.reconstruct(xs, shares, active), enough
 
 
 def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Array,
@@ -405,9 +406,11 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
     cohort_mask: [K], 1.0 for real clients.
     included: [K], 1.0 for the clients whose masked input is in `total`.
     bits: modulus exponent.
-    threshold: t, shares needed per secret; None (complete graph only): a
-      majority of the round's R real clients, floor(R / 2) + 1, as the
-      server would set it once R clients have advertised their keys.
+    threshold: t, shares needed per secret; None: a majority of each
+      client's share holders in this round, as the server would set it once
+      the round's R clients have advertised their keys: floor(R / 2) + 1 for
+      the complete graph; for SecAgg+, floor(h / 2) + 1 of the client and its
+      h - 1 real neighbours (k + 1 holders unless R <= k).
     complete: True for the complete graph (SecAgg), False for SecAgg+.
     kind: the PRG used for masking.
     chunk: clients per vmapped chunk when regenerating masks.
@@ -422,13 +425,14 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
   real = cohort_mask > 0
   active = None
   if threshold is None:
-    if not complete:
-      raise ValueError("threshold=None (a majority of the round's clients) needs the complete "
-                       "graph; SecAgg+ takes an int threshold")
-    # The static bound (a majority of all K slots) sizes the shares; the
-    # round's own majority, at most that, is the degree actually used.
+    # The static bound (a majority of every slot a client could have as a
+    # holder) sizes the shares; the round's own majority, at most that, is
+    # the degree actually used.
     threshold = default_threshold(graph)
-    active = jnp.sum(real).astype(jnp.int32) // 2 + 1
+    if complete:
+      active = jnp.sum(real).astype(jnp.int32) // 2 + 1
+    else:
+      active = (1 + jnp.sum(graph.valid, axis=1).astype(jnp.int32)) // 2 + 1
   if not (isinstance(threshold, int) and 1 <= threshold <= holders):
     raise ValueError(f"threshold must be an int in [1, {holders}] (share holders per client), "
                      f"got {threshold!r}")
@@ -447,8 +451,8 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
   plain = (total - self_masks + orphans) & modulus_mask(bits)
   stats = {"secagg_survivors": jnp.sum(alive).astype(jnp.float32),
            "secagg_dropouts": jnp.sum(dropped).astype(jnp.float32),
-           "secagg_threshold": jnp.asarray(threshold if active is None else active,
-                                           jnp.float32)}
+           "secagg_threshold": (jnp.float32(threshold) if active is None else
+                                jnp.max(jnp.where(real, active, 0)).astype(jnp.float32))}
   return plain, ok, stats
 
 

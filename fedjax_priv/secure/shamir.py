@@ -74,11 +74,12 @@ def share(key: jax.Array, secrets: jax.Array, xs: jax.Array, threshold: int,
     xs: uint32[..., h] holder coordinates, distinct and non-zero mod p (e.g.
       slot + 1); leading axes broadcast against `secrets`.
     threshold: t >= 1, the number of shares that reconstruct a secret.
-    active: optional traced int t' in [1, t], a threshold known only when the
-      round runs (e.g. a majority of its real clients): the coefficients of
-      degree >= t' are zero, so the polynomials have degree t' - 1 and t'
-      shares reconstruct (`reconstruct(..., active=t')`). The draws are those
-      of the static t, so active = t shares exactly as without it.
+    active: optional traced int t' in [1, t], or one per secret (shape of
+      `secrets`), a threshold known only when the round runs (e.g. a
+      majority of its real clients): the coefficients of degree >= t' are
+      zero, so the polynomials have degree t' - 1 and t' shares reconstruct
+      (`reconstruct(..., active=t')`). The draws are those of the static t,
+      so active = t shares exactly as without it.
 
   Returns:
     uint32[..., h]: f_s(x) for each secret s and each of its holders x.
@@ -107,8 +108,9 @@ def lagrange_at_zero(xs: jax.Array, active: jax.Array | None = None) -> jax.Arra
 
   Args:
     xs: uint32[..., t], distinct and non-zero mod p.
-    active: optional traced int t' in [1, t]: interpolate through the first
-      t' points only (deg f < t'); the other coefficients are 0.
+    active: optional traced int t' in [1, t], or one per row of xs ([...]):
+      interpolate through the first t' points only (deg f < t'); the other
+      coefficients are 0.
 
   Returns:
     uint32[..., t] in [0, p).
@@ -117,8 +119,8 @@ def lagrange_at_zero(xs: jax.Array, active: jax.Array | None = None) -> jax.Arra
   t = xs.shape[-1]
   skip = jnp.eye(t, dtype=bool)
   if active is not None:
-    used = jnp.arange(t) < active
-    skip = skip | ~used[None, :]                                  # [j, m]: leave x_m out
+    used = jnp.arange(t) < jnp.asarray(active)[..., None]         # [..., m]
+    skip = skip | ~used[..., None, :]                             # [..., j, m]: leave x_m out
   others = jnp.broadcast_to(xs[..., None, :], xs.shape + (t,))   # [..., j, m] = x_m
   diffs = (others + _P - xs[..., :, None]) % _P                   # x_m - x_j
   numerator = _prodmod(jnp.where(skip, jnp.uint32(1), others))
@@ -135,7 +137,8 @@ def reconstruct(xs: jax.Array, shares: jax.Array, active: jax.Array | None = Non
     xs: uint32[..., t] the coordinates of the shares; a row shared by many
       secrets (shape [t]) is interpolated once and broadcast.
     shares: uint32[..., t], broadcasting against xs.
-    active: optional traced int t' in [1, t]: use the first t' shares only.
+    active: optional traced int t' in [1, t], or one per secret: use the
+      first t' shares only.
 
   Returns:
     uint32[...] in [0, p): the secrets, exact when the shares (the first t'

@@ -46,7 +46,7 @@ def _protocol(num_slots, dim, bits, degree, kind, threshold):
     alive = (cohort_mask > 0) & (included > 0)
     edgewise = secagg.add_pair_masks(quant.modular_sum(included, self_masked, bits), alive, graph,
                                      secrets, round_key, bits, kind, chunk=5)
-    if threshold == "round majority":  # SecAgg's default: set per round, traced.
+    if threshold == "round majority":  # The default: set per round, traced.
       t = None
     else:
       t = secagg.default_threshold(graph) if threshold is None else threshold
@@ -126,6 +126,19 @@ PLUS_SLOTS, PLUS_DEGREE = 4096, 24
 def test_secagg_plus_masked_sum_equals_plain_sum(num_real, num_dropped):
   check_sum(PLUS_SLOTS, num_real, num_dropped, dim=2, bits=32, degree=PLUS_DEGREE,
             seed=num_real + num_dropped)
+
+
+def test_secagg_plus_default_threshold_is_a_majority_of_each_clients_holders():
+  """A Poisson round of 12 real clients on SecAgg+'s 4096 slots (degree 24): each client has
+  12 holders, so t = 7, not 13 of k + 1 = 25; 7 survivors unmask the sum, 6 do not."""
+  check_sum(PLUS_SLOTS, 12, 5, dim=2, bits=32, degree=PLUS_DEGREE, seed=6,
+            threshold="round majority")
+  x, cohort_mask, included = cohort(PLUS_SLOTS, 12, 6, 2, 32, seed=7)
+  _, ok, _, _, stats, _ = protocol(PLUS_SLOTS, 2, 32, PLUS_DEGREE, threshold="round majority")(
+      x, cohort_mask, included, jax.random.key(7))
+  assert not bool(ok) and float(stats["secagg_threshold"]) == 7
+  with pytest.raises(SecureSumFailed, match="threshold t=7"):
+    check_threshold(cohort_mask, included, None, PLUS_DEGREE, jax.random.key(7))
 
 
 @pytest.mark.parametrize("kind", ["hash", "threefry"])

@@ -62,6 +62,11 @@ def test_an_active_threshold_known_at_run_time_lowers_the_degree():
   assert np.mean(np.asarray(wrong) == np.asarray(secrets)) < 0.1
   np.testing.assert_array_equal(share(jnp.int32(t)),
                                 shamir.share(jax.random.key(3), secrets, xs, t))
+  # One active threshold per secret (SecAgg+'s per-client majorities).
+  per_secret = jnp.arange(64, dtype=jnp.int32) % t + 1
+  shares = shamir.share(jax.random.key(4), secrets, xs, t, per_secret)
+  got = shamir.reconstruct(jnp.broadcast_to(xs[:t], (64, t)), shares[:, :t], per_secret)
+  np.testing.assert_array_equal(got, secrets)
 
 
 def test_t_minus_1_shares_are_uniform_whatever_the_secret():
