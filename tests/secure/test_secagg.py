@@ -103,21 +103,6 @@ def test_secagg_small_cohorts_with_low_threshold(num_real, num_dropped):
             seed=num_real, threshold=2)
 
 
-def test_secagg_default_threshold_is_a_majority_of_the_round():
-  """20 real clients on 64 slots (a Poisson round): t = 11, not 33 of the slots; 11
-  survivors unmask the sum, 10 do not, and the host check agrees."""
-  check_sum(COMPLETE_SLOTS, 20, 9, dim=8, bits=32, degree=None, seed=3,
-            threshold="round majority")
-  x, cohort_mask, included = cohort(COMPLETE_SLOTS, 20, 10, 8, 32, seed=4)
-  _, ok, _, _, stats, _ = protocol(COMPLETE_SLOTS, 8, 32, None, threshold="round majority")(
-      x, cohort_mask, included, jax.random.key(4))
-  assert not bool(ok) and float(stats["secagg_threshold"]) == 11
-  with pytest.raises(SecureSumFailed, match="threshold t=11"):
-    check_threshold(cohort_mask, included, None)
-  first_dropped = int(np.flatnonzero(np.asarray(cohort_mask) - np.asarray(included))[0])
-  check_threshold(cohort_mask, included.at[first_dropped].set(1.0), None)  # 11 survive.
-
-
 # SecAgg+ on 4096 slots, degree 24, t = 13 of the 25 holders (self + neighbours).
 PLUS_SLOTS, PLUS_DEGREE = 4096, 24
 
@@ -128,17 +113,23 @@ def test_secagg_plus_masked_sum_equals_plain_sum(num_real, num_dropped):
             seed=num_real + num_dropped)
 
 
-def test_secagg_plus_default_threshold_is_a_majority_of_each_clients_holders():
-  """A Poisson round of 12 real clients on SecAgg+'s 4096 slots (degree 24): each client has
-  12 holders, so t = 7, not 13 of k + 1 = 25; 7 survivors unmask the sum, 6 do not."""
-  check_sum(PLUS_SLOTS, 12, 5, dim=2, bits=32, degree=PLUS_DEGREE, seed=6,
+@pytest.mark.parametrize("num_slots,num_real,degree,t", [
+    (COMPLETE_SLOTS, 20, None, 11),      # SecAgg: 11 of the round's 20, not 33 of 64 slots.
+    (PLUS_SLOTS, 12, PLUS_DEGREE, 7)])   # SecAgg+: 12 holders each (R <= k), not 13 of 25.
+def test_default_threshold_is_a_majority_of_each_clients_holders(num_slots, num_real, degree, t):
+  """A Poisson round smaller than the slots' majority: t survivors unmask the sum, t - 1 do
+  not, and the host check agrees on both."""
+  key = jax.random.key(t)
+  check_sum(num_slots, num_real, num_real - t, dim=2, bits=32, degree=degree, seed=t,
             threshold="round majority")
-  x, cohort_mask, included = cohort(PLUS_SLOTS, 12, 6, 2, 32, seed=7)
-  _, ok, _, _, stats, _ = protocol(PLUS_SLOTS, 2, 32, PLUS_DEGREE, threshold="round majority")(
-      x, cohort_mask, included, jax.random.key(7))
-  assert not bool(ok) and float(stats["secagg_threshold"]) == 7
-  with pytest.raises(SecureSumFailed, match="threshold t=7"):
-    check_threshold(cohort_mask, included, None, PLUS_DEGREE, jax.random.key(7))
+  check_threshold(*cohort(num_slots, num_real, num_real - t, 2, 32, seed=t)[1:], None, degree,
+                  key)
+  x, cohort_mask, included = cohort(num_slots, num_real, num_real - t + 1, 2, 32, seed=t)
+  _, ok, _, _, stats, _ = protocol(num_slots, 2, 32, degree, threshold="round majority")(
+      x, cohort_mask, included, key)
+  assert not bool(ok) and float(stats["secagg_threshold"]) == t
+  with pytest.raises(SecureSumFailed, match=f"threshold t={t}"):
+    check_threshold(cohort_mask, included, None, degree, key)
 
 
 @pytest.mark.parametrize("kind", ["hash", "threefry"])
