@@ -239,8 +239,7 @@ def _rows(module: nn.Module, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax
     ids = a.reshape(-1) if module.num_embeddings > 1 else jnp.zeros(a.size, jnp.int32)
     return ids, b.reshape(-1, d_out)
   if isinstance(module, nn.Conv):
-    kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(
-        module.kernel_size)
+    kernel_size = _window(module)
     rank = len(kernel_size)
     per_axis = lambda v: (1,) * rank if v is None else (v,) * rank if isinstance(v, int) else v
     a = a.reshape(-1, *a.shape[-rank - 1:])  # Conv folds (or adds) leading batch axes alike.
@@ -253,9 +252,17 @@ def _rows(module: nn.Module, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax
   return a.reshape(-1, a.shape[-1]), b.reshape(-1, d_out)
 
 
+def _window(module: nn.Conv) -> tuple[int, ...]:
+  """A convolution's kernel size as a tuple, one entry per spatial axis."""
+  size = module.kernel_size
+  return (size,) if isinstance(size, int) else tuple(size)
+
+
 def _layer_sq_norm(module: nn.Module, a: jax.Array, b: jax.Array) -> jax.Array:
-  """||gradient of this layer's params||^2 for one example (float32 scalar)."""
-  a, b = _rows(module, a, b)
+  """||gradient of this layer's params||^2 for one example (float32 scalar).
+
+  a, b: the example's rows from `_rows`.
+  """
   b = b.astype(jnp.float32)
   num_rows, d_out = b.shape
   sq = lambda v: jnp.sum(jnp.square(v))
@@ -276,15 +283,14 @@ def _layer_sq_norm(module: nn.Module, a: jax.Array, b: jax.Array) -> jax.Array:
   return kernel + bias
 
 
-def _weighted_layer_gradients(module: nn.Module, a: jax.Array, b: jax.Array,
+def _weighted_layer_gradients(module: nn.Module, rows_a: jax.Array, rows_b: jax.Array,
                               weights: jax.Array) -> dict[str, jax.Array]:
   """sum_i weights_i (example i's gradient of this layer's params), by param name (float32).
 
-  a, b: the layer's inputs and output gradients for the batch, [B, ...];
-  weights: [B]. The kernel part is rows_a^T (weights * rows_b) over all the
-  batch's rows, the product the layer's backward pass would form.
+  rows_a, rows_b: every example's rows from `_rows`, [B, T, ...]; weights:
+  [B]. The kernel part is rows_a^T (weights * rows_b) over all the batch's
+  rows, the product the layer's backward pass would form.
   """
-  rows_a, rows_b = jax.vmap(lambda a, b: _rows(module, a, b))(a, b)
   rows_b = rows_b.astype(jnp.float32) * weights[:, None, None]
   rows_b = rows_b.reshape(-1, rows_b.shape[-1])
   if isinstance(module, nn.Embed):
@@ -296,10 +302,9 @@ def _weighted_layer_gradients(module: nn.Module, a: jax.Array, b: jax.Array,
   if isinstance(module, nn.Conv):
     # Patches order their features channel-major (C_in, *window); flax's
     # kernel is (*window, C_in, C_out).
-    channels = a.shape[-1]
+    window = _window(module)
+    channels = kernel.shape[0] // math.prod(window)
     kernel = kernel.reshape(channels, -1, kernel.shape[-1])
-    window = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(
-        module.kernel_size)
     kernel = jnp.moveaxis(kernel, 0, 1).reshape(*window, channels, kernel.shape[-1])
   grads = {"kernel": kernel}
   if module.use_bias:
@@ -335,10 +340,13 @@ def _ghost(model, params, x, y, mask, clip_norm, plan: _Plan) -> ClippedSum:
 
   losses, vjp, inputs = jax.vjp(losses_fn, params, zeros, copies, has_aux=True)
   _, output_grads, copy_grads = vjp(jnp.ones_like(losses))
+  # Each ghost layer's rows (a convolution's im2col patches), formed once for
+  # its norm and for its part of the clipped sum.
+  layers = [(call, jax.vmap(lambda a, b, m=call.module: _rows(m, a, b))(a, b))
+            for call, ghost, a, b in zip(plan.calls, plan.ghost, inputs, output_grads) if ghost]
   sq_norms = jnp.zeros((batch,), jnp.float32)
-  for call, ghost, a, b in zip(plan.calls, plan.ghost, inputs, output_grads):
-    if ghost:
-      sq_norms += jax.vmap(lambda a, b, m=call.module: _layer_sq_norm(m, a, b))(a, b)
+  for call, rows in layers:
+    sq_norms += jax.vmap(lambda a, b, m=call.module: _layer_sq_norm(m, a, b))(*rows)
   for g in copy_grads:
     sq_norms += jnp.sum(jnp.square(g.reshape(batch, -1).astype(jnp.float32)), axis=1)
   norms = jnp.sqrt(sq_norms)
@@ -349,10 +357,9 @@ def _ghost(model, params, x, y, mask, clip_norm, plan: _Plan) -> ClippedSum:
   for i, g in zip(plan.materialised, copy_grads):
     grad_leaves[i] = jnp.tensordot(weights, g.astype(jnp.float32), 1)
   index = {names: i for i, names in enumerate(_leaf_names(params))}
-  for call, ghost, a, b in zip(plan.calls, plan.ghost, inputs, output_grads):
-    if ghost:
-      for name, g in _weighted_layer_gradients(call.module, a, b, weights).items():
-        grad_leaves[index[(*call.path, name)]] = g
+  for call, rows in layers:
+    for name, g in _weighted_layer_gradients(call.module, *rows, weights).items():
+      grad_leaves[index[(*call.path, name)]] = g
   grad_leaves = [g.astype(leaf.dtype) for g, leaf in zip(grad_leaves, leaves)]
   return ClippedSum(jax.tree.unflatten(treedef, grad_leaves), losses, norms)
 
