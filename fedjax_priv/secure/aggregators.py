@@ -121,13 +121,13 @@ def check_threshold(cohort_mask, included, threshold: int | None,
   real = np.asarray(cohort_mask) > 0
   alive = real & (np.asarray(included) > 0)
   if neighbours is None:
-    t = int(real.sum()) // 2 + 1 if threshold is None else threshold
+    t = int(secagg.round_threshold(cohort_mask)) if threshold is None else threshold
     ok = alive.sum() >= t
   else:
     graph = _host_graph(jnp.asarray(cohort_mask, jnp.float32), round_key, neighbours)
     nbrs, valid = np.asarray(graph.neighbours), np.asarray(graph.valid)
     holders = alive + np.sum(valid & alive[nbrs], axis=1)
-    t = (1 + valid.sum(axis=1)) // 2 + 1 if threshold is None else np.full(len(real), threshold)
+    t = np.asarray(secagg.round_threshold(cohort_mask, graph)) if threshold is None else threshold
     ok = bool(np.all((holders >= t) | ~real))
     t = int(np.max(np.where(real, t, 0)))
   _raise_if_failed(not ok, alive.sum(), (real & ~alive).sum(), t)

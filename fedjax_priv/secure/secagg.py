@@ -365,6 +365,20 @@ def default_threshold(graph: Graph) -> int:
   return (graph.neighbours.shape[1] + 1) // 2 + 1
 
 
+def round_threshold(cohort_mask: jax.Array, graph: Graph | None = None) -> jax.Array:
+  """The default t of a round: the smallest majority of each client's share holders in it.
+
+  A client's holders are itself and its real neighbours. SecAgg (`graph`
+  None, the complete graph): all R real clients, so one int32 scalar,
+  floor(R / 2) + 1. SecAgg+ (its `graph`): h = 1 + the client's real
+  neighbours, min(k + 1, R); int32 [K], floor(h / 2) + 1 (1 for padded
+  slots, which hold nothing).
+  """
+  if graph is None:
+    return jnp.sum(jnp.asarray(cohort_mask) > 0).astype(jnp.int32) // 2 + 1
+  return (1 + jnp.sum(graph.valid, axis=1).astype(jnp.int32)) // 2 + 1
+
+
 def _recover(needed: jax.Array, graph: Graph, alive: jax.Array, threshold: int,
              key: jax.Array, complete: bool, active: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
@@ -375,22 +389,21 @@ def _recover(needed: jax.Array, graph: Graph, alive: jax.Array, threshold: int,
   Returns (reconstructed uint32[K], enough bool[K]: at least t holders survived).
   """
   num_slots = alive.shape[0]
+  used = threshold if active is None else active
   if complete:
     # All clients hold shares of every secret: the first t survivors serve
     # every owner, so the Lagrange weights are computed once.
     holders = jnp.argsort(~alive, stable=True)[:threshold]
     xs = (holders + 1).astype(jnp.uint32)
-    shares = shamir.share(key, needed, xs, threshold, active)
-    used = threshold if active is None else active
     enough = jnp.broadcast_to(jnp.sum(alive) >= used, (num_slots,))
-    return shamir.reconstruct(xs, shares, active), enough
-  slots = jnp.arange(num_slots)
-  holders = jnp.concatenate([slots[:, None], graph.neighbours], axis=1)
-  ok = alive[holders] & jnp.concatenate([jnp.ones((num_slots, 1), bool), graph.valid], 1)
-  pick = jnp.argsort(~ok, axis=1, stable=True)[:, :threshold]
-  xs = (jnp.take_along_axis(holders, pick, 1) + 1).astype(jnp.uint32)
+  else:
+    slots = jnp.arange(num_slots)
+    holders = jnp.concatenate([slots[:, None], graph.neighbours], axis=1)
+    ok = alive[holders] & jnp.concatenate([jnp.ones((num_slots, 1), bool), graph.valid], 1)
+    pick = jnp.argsort(~ok, axis=1, stable=True)[:, :threshold]
+    xs = (jnp.take_along_axis(holders, pick, 1) + 1).astype(jnp.uint32)
+    enough = jnp.sum(ok, axis=1) >= used
   shares = shamir.share(key, needed, xs, threshold, active)
-  enough = jnp.sum(ok, axis=1) >= (threshold if active is None else active)
   return shamir.reconstruct(xs, shares, active), enough
 
 
@@ -429,10 +442,7 @@ def unmask(total: jax.Array, graph: Graph, secrets: Secrets, round_key: jax.Arra
     # holder) sizes the shares; the round's own majority, at most that, is
     # the degree actually used.
     threshold = default_threshold(graph)
-    if complete:
-      active = jnp.sum(real).astype(jnp.int32) // 2 + 1
-    else:
-      active = (1 + jnp.sum(graph.valid, axis=1).astype(jnp.int32)) // 2 + 1
+    active = round_threshold(cohort_mask, None if complete else graph)
   if not (isinstance(threshold, int) and 1 <= threshold <= holders):
     raise ValueError(f"threshold must be an int in [1, {holders}] (share holders per client), "
                      f"got {threshold!r}")
