@@ -34,10 +34,9 @@ order rotating), each carrying its own state from block to block:
 The coefficients are not optimised (BSR, a fixed BLT): a round's cost
 depends on p and m, not on the values.
 
-The round passes only finalize's update through the CPU `lax.cond` of
-`simulation.round._finalize_in_own_kernels`, so a state that finalize
-updates in place (BandMF's ring of past rows) is not copied (the "state
-copies" column checks it).
+The round calls finalize directly, so a state that finalize updates in
+place (BandMF's ring of past rows) is not copied (the "state copies" column
+checks it).
 
 Also in the same process, after each repeat's blocks: the noise stream
 alone at the model's d (`mf.stream_next` jitted with its state donated, and
