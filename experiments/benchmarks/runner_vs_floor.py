@@ -34,7 +34,8 @@ samples the cohort (on the device: top-K of N uniforms; the runner draws the
 same distribution on the host), gathers the cohort's examples, draws every
 client's batches (a random permutation per client, cycled, as the runner's
 "shuffle" batches; w1, emnist) or Poisson batches truncated to the same
-capacity (cnn), trains locally with `lax.scan` over steps and `vmap` over
+capacity (cnn), trains locally with `lax.scan` over steps (plain steps written out
+up to `UNROLLED_LOCAL_STEPS` of them, as the runner does) and `vmap` over
 clients, masks the loss with the batch mask, zeroes a client whose update is
 not finite (its weight in the sum is 0), clips (w1, emnist: the whole delta;
 cnn: every example's gradient, with materialised per-example gradients,
@@ -107,6 +108,7 @@ import numpy as np
 import optax
 
 from fedjax_priv import runner
+from fedjax_priv.algorithms.client_update import UNROLLED_LOCAL_STEPS
 from fedjax_priv.algorithms.server import server_init
 from fedjax_priv.config import Config, from_dict
 from fedjax_priv.data.federated import FederatedDataset
@@ -315,7 +317,8 @@ def make_user_dp_floor(exp: Experiment, apply: Callable | None = None,
       g = jax.grad(loss)(p, *inputs)
       return jax.tree.map(lambda w, gw: w - (lr * gw).astype(w.dtype), p, g), None
 
-    local, _ = jax.lax.scan(step, params, (x[idx], y[idx], mask))
+    local, _ = jax.lax.scan(step, params, (x[idx], y[idx], mask),
+                            unroll=steps <= UNROLLED_LOCAL_STEPS)
     return jax.tree.map(jnp.subtract, local, params)
 
   def clipped_sum(params, ids, keys):  # One group of clients: their clipped, summed deltas.
