@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from fedjax_priv import tree as tree_util
-from fedjax_priv.algorithms.client_update import ExampleDP, make_client_update
+from fedjax_priv.algorithms.client_update import (UNROLLED_LOCAL_STEPS, ExampleDP,
+                                                  make_client_update)
 from fedjax_priv.models.model import example_losses
 from fedjax_priv.models.zoo import cnn, logistic_regression, mlp
 
@@ -108,10 +109,12 @@ def test_sgd_step_matches_hand_computation():
   np.testing.assert_allclose(metrics.loss_sum, mean_loss(params) * mask.sum(), rtol=1e-5)
 
 
-def test_delta_is_local_minus_server_params():
-  """Two steps of SGD by hand: delta equals the local params minus the server params."""
+@pytest.mark.parametrize("num_steps", [2, UNROLLED_LOCAL_STEPS + 2], ids=["written_out", "looped"])
+def test_delta_is_local_minus_server_params(num_steps):
+  """SGD by hand, step by step: delta equals the local params minus the server params,
+  whether local training is written out (short) or a loop (long)."""
   params = mlp_params(3)
-  x, y, mask = make_data(4, num_steps=2)
+  x, y, mask = make_data(4, num_steps=num_steps)
   delta, _ = client_fn("mlp", "sgd")(params, x, y, mask, jax.random.key(0))
 
   @jit
@@ -121,7 +124,7 @@ def test_delta_is_local_minus_server_params():
     return jax.grad(mean_loss)(p)
 
   local = params
-  for s in range(2):
+  for s in range(num_steps):
     local = tree_util.sub(local, tree_util.scale(grad_step(local, x[s], y[s], mask[s]), LR))
   assert_trees_close(delta, tree_util.sub(local, params), rtol=1e-5, atol=1e-6)
 
