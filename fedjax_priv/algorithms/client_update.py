@@ -44,11 +44,13 @@ from fedjax_priv.privacy.noise import gaussian_like
 # Plain local training of at most this many steps is written out step by
 # step instead of run as a loop: on XLA:CPU the loop around a short client
 # update costs a tenth of a small model's round (W1, 3 SGD steps of an MLP:
-# the 200-round block 1.09-1.16x faster written out; 5 steps 1.14x), while
-# at 10 steps it gains 1.02x for 0.8 s more compile, and a CNN's 3 steps gain
-# nothing (`runner_vs_floor.py`). DP-SGD steps keep the loop: written out,
-# the CNN workload's 2 DP-SGD steps ran 0.95x. Only the compiled program
-# differs: SGD updates are the same bit for bit, others agree to rounding.
+# the 200-round block 1.09-1.16x faster written out, for 0.3-0.5 s more
+# compile, so a single uncached run gains from ~4,000 rounds on; 5 steps
+# 1.14x), while at 10 steps it gains 1.02x for 0.8 s more compile, and a
+# CNN's 3 steps gain nothing (`runner_vs_floor.py`). DP-SGD steps keep the
+# loop: written out, the CNN workload's 2 DP-SGD steps ran 0.95x. Only the
+# compiled program differs: SGD updates are the same bit for bit, others
+# agree to rounding.
 UNROLLED_LOCAL_STEPS = 5
 
 
