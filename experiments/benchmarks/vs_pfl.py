@@ -35,7 +35,7 @@ Timing. JAX rows report compile time (ahead-of-time lower + compile, or what the
 runner measures) apart from the training wall time; rounds/s is rounds / wall.
 The scan's wall time is the median of `--scan-repeats` `runner.run` calls (all
 listed in its row): one call lasts ~0.2 s on W1, and the first of a process
-also pays XLA:CPU's one-time warm-up (~20-40 ms, mostly oneDNN generating
+also pays XLA:CPU's one-time warm-up (~35-55 ms, mostly oneDNN generating
 the GEMM kernels of the dots XNNPACK does not take). pfl's 200 rounds take
 ~6 s, one run.
 Evaluation on the test set happens after the timed part for every contender.
