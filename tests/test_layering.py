@@ -7,6 +7,9 @@ against the layer it belongs to.
 
 import ast
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -63,3 +66,24 @@ def test_the_checker_sees_lazy_imports(tmp_path):
   module = tmp_path / "m.py"
   module.write_text("def f():\n  from fedjax_priv.runner import run\n  import fedjax_priv.sweep\n")
   assert _imported_packages(module) == {"runner", "sweep"}
+
+
+def test_importing_every_module_leaves_jax_unconfigured():
+  """No module computes with JAX at import: a user can still configure JAX afterwards.
+
+  A module-level `jnp` constant starts JAX's backend on `import fedjax_priv`,
+  after which JAX settings such as the CPU device count are refused or ignored.
+  """
+  script = textwrap.dedent("""
+      import importlib, pkgutil
+      import jax
+      import fedjax_priv
+      for module in pkgutil.walk_packages(fedjax_priv.__path__, "fedjax_priv."):
+        importlib.import_module(module.name)
+      jax.config.update("jax_num_cpu_devices", 3)
+      print(len(jax.devices("cpu")))
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=PACKAGE.parent, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split()[-1] == "3"

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PRIME = 65521
-_P = jnp.uint32(PRIME)
+_P = np.uint32(PRIME)  # A numpy constant: importing must not start a JAX backend.
 
 
 def mulmod(a: jax.Array, b: jax.Array) -> jax.Array:
