@@ -284,6 +284,18 @@ def pfl_python(create: bool) -> Path:
   return python
 
 
+def pin_to_cores(count: int) -> None:
+  """Restricts this process (and the peers it starts, which inherit it) to its first `count` CPUs.
+
+  Must run before the first JAX computation: XLA:CPU sizes its thread pools
+  from the CPUs the process may use when its client starts.
+  """
+  allowed = sorted(os.sched_getaffinity(0))
+  if not 1 <= count <= len(allowed):
+    raise ValueError(f"--cores must be in [1, {len(allowed)}], got {count}")
+  os.sched_setaffinity(0, allowed[:count])
+
+
 def run_pfl(python: Path, workload: Path, seed: int) -> dict[str, Any]:
   result = subprocess.run([str(python), str(HERE / "peers" / "pfl_dp_fedavg.py"), str(workload),
                            "--seed", str(seed)], capture_output=True, text=True)
@@ -339,9 +351,14 @@ def main() -> None:
                            "for the spread of accuracy and speed")
   parser.add_argument("--scan-repeats", type=int, default=5,
                       help="runner.run calls per seed; the scan's wall time is their median")
+  parser.add_argument("--cores", type=int, default=0,
+                      help="pin this process, and so every contender, to its first N CPUs "
+                           "(0: all), before JAX starts its thread pools")
   parser.add_argument("--skip-pfl", action="store_true", help="run only the JAX contenders")
   parser.add_argument("--markdown", type=Path, help="also write the results table here")
   args = parser.parse_args()
+  if args.cores:
+    pin_to_cores(args.cores)
 
   config, exp, cohorts, workload = prepare(args, args.seed)
   eps = ledger_epsilons(exp)
@@ -389,7 +406,8 @@ def main() -> None:
       f"rigorous epsilon of the same run for fixed-size cohorts (sampling without replacement, "
       f"replace-one): RDP {eps['epsilon_fixed_rdp']:.3f}, PLD (tight) "
       f"{eps['epsilon_fixed_pld']:.3f}",
-      f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+      f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+      f"({len(os.sched_getaffinity(0))} used by every contender), "
       f"jax {jax.__version__} on {jax.default_backend()}",
       f"scan: training wall time of each runner.run call, seed {args.seed}: "
       f"{', '.join(f'{wall:.3f}' for wall in scan['wall_times_s'])} s (the row takes the median)",
