@@ -450,7 +450,7 @@ def _warn_if_nonfinite(metrics: dict, start: int, end: int, warn) -> None:
   real = dropped + float(np.sum(metrics.get("clients", 0.0)))
   if real and dropped > NONFINITE_WARNING_SHARE * real:
     warn(f"warning: {_rounds_text(start, end)}: {dropped:.0f} of {real:.0f} client updates were "
-         "NaN or inf and were left out of the aggregate")
+         "NaN, inf or too large (L2 norm above 1.8e19) and were left out of the aggregate")
 
 
 def _rounds_text(start: int, end: int) -> str:
@@ -461,16 +461,17 @@ def _rounds_text(start: int, end: int) -> str:
 def _check_finite_model(state: ServerState, metrics: dict, start: int, end: int) -> None:
   """Refuses to go on (ValueError) when the block left the server model NaN or inf.
 
-  Non-finite client updates are left out of the sums, but finite ones can
-  still overflow float32 when summed (a learning rate of 1e37 without
-  clipping); every later round and evaluation would then be nan.
+  Client updates that are non-finite or too large to square in float32 are
+  left out of the sums, so those sums stay finite, but the server step can
+  still overflow (a server learning rate of 1e38); every later round and
+  evaluation would then be nan.
   """
   if bool(tree_util.all_finite(state.params)):
     return
   norms = np.asarray(metrics.get("update_norm", [math.nan]))
   raise ValueError(
       f"{_rounds_text(start, end)}: the server model became NaN or inf (largest update_norm "
-      f"{float(np.max(norms)):.3g}): the clients' updates or their sum overflowed float32. "
+      f"{float(np.max(norms)):.3g}): the aggregated update or the server step overflowed float32. "
       "Lower client.learning_rate or server.learning_rate, or clip the updates "
       "(privacy.unit = user bounds each by privacy.clip_norm)")
 

@@ -15,10 +15,20 @@ import jax.numpy as jnp
 PyTree = Any
 
 
+def squared_l2_norm(tree: PyTree) -> jax.Array:
+  """Sum of the squares of all leaves' elements, as one float32 scalar.
+
+  One reduction per leaf, added in leaf order: XLA computes an identical
+  expression once, so `l2_norm` (a clip norm) and a finiteness test written
+  with this function share their passes over the tree.
+  """
+  squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
+  return sum(squares, jnp.float32(0.0))
+
+
 def l2_norm(tree: PyTree) -> jax.Array:
   """Global L2 norm of all leaves taken together, as one float32 scalar."""
-  squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(squares, jnp.float32(0.0)))
+  return jnp.sqrt(squared_l2_norm(tree))
 
 
 def l1_norm(tree: PyTree) -> jax.Array:

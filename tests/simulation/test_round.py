@@ -24,7 +24,7 @@ from fedjax_priv.models.zoo import logistic_regression, mlp
 from fedjax_priv.privacy.aggregation import dp_mean, weighted_mean
 from fedjax_priv.privacy.clipping import clip_by_l2_norm
 from fedjax_priv.simulation.program import Batching, round_from_cohort, rounds_on_device
-from fedjax_priv.simulation.round import build_round
+from fedjax_priv.simulation.round import build_round, update_is_finite
 
 # These tests check semantics, not speed: compiling at XLA's lowest backend
 # optimisation level roughly halves CPU compile time, which dominates here.
@@ -193,10 +193,26 @@ def test_padded_client_slots_change_nothing(config, backend):
 # --- Non-finite clients ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_update_is_finite_rejects_nan_inf_and_norms_whose_square_overflows():
+  """Finite means a finite squared L2 norm; integer and key leaves are skipped."""
+  ok = {"w": jnp.ones((3, 2)), "b": jnp.array([1e19, -1e19])}  # Norm^2 2e38 < 3.4e38.
+  state = {"count": jnp.array(2**31 - 1, jnp.int32), "key": jax.random.key(0)}
+  assert bool(update_is_finite(ok, state))
+  for bad in (np.nan, np.inf, -np.inf, 2e19):  # 2e19^2 = 4e38 overflows float32.
+    assert not bool(update_is_finite({**ok, "b": ok["b"].at[0].set(bad)}, state)), bad
+  nan_state = {**state, "c": jnp.array([np.nan])}
+  assert not bool(update_is_finite(ok, nan_state))
+  # Compiled and vmapped, as the round runs it.
+  rows = jnp.array([[1e19, -1e19], [1.0, jnp.nan], [3e19, 0.0], [0.0, 0.0]])
+  flags = jax.jit(jax.vmap(lambda row: update_is_finite(row, ())))(rows)
+  np.testing.assert_array_equal(flags, [True, False, False, True])
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, 3e19])  # 3e19: a finite delta, norm^2 > 3.4e38.
 @pytest.mark.parametrize("config", ["fedavg", "dp_mean"])
 def test_nonfinite_client_is_excluded(config, bad_value):
-  """A client whose update is NaN/inf is zeroed, counted, and equals an absent client."""
+  """A client whose update is NaN, inf or too large to square is zeroed, counted, and
+  equals an absent client."""
   round_fn = get_round(config, "vmap")
   state = init_state(config)
   batch = make_batch(seed=4)
