@@ -344,6 +344,32 @@ def test_second_round_does_not_recompile(backend):
   assert int(state.round) == 3
 
 
+# --- Where the update is written out -----------------------------------------------
+
+
+def test_cpu_round_finalizes_in_a_conditional_unless_the_aggregator_state_is_large():
+  """On CPU the round keeps one conditional around `finalize` (XLA:CPU then computes
+  a noisy update once for the server step and update_norm, instead of splitting its
+  noise between them); an aggregator whose state is larger than the update calls
+  `finalize` directly, since the conditional's outputs would copy that state.
+  Other platforms always call it directly."""
+  _, client_update, aggregator, server_opt = get_config("dp_mean")
+  batch, key = make_batch(seed=30), jax.random.key(30)
+
+  def conditionals(agg):
+    round_fn = build_round(client_update, agg, server_opt, "vmap")
+    state = server_init(initial_params("dp_mean"), server_opt, agg)
+    return jit(round_fn).lower(state, batch, key).compile().as_text().count(" conditional(")
+
+  big = jnp.zeros(2 * sum(leaf.size for leaf in jax.tree.leaves(initial_params("dp_mean"))))
+  with_big_state = aggregator._replace(
+      init=lambda params: big,
+      finalize=lambda state, total, weight, ctx: aggregator.finalize((), total, weight, ctx)[:1]
+      + (state + 1.0, {}))
+  assert conditionals(aggregator) == (1 if jax.default_backend() == "cpu" else 0)
+  assert conditionals(with_big_state) == 0
+
+
 # --- Multi-round program -----------------------------------------------------------
 
 POP_CLIENTS, POP_MAX, R, COHORT = 7, 8, 3, 4
