@@ -6,8 +6,10 @@ All runs are tiny (logistic regression, <= 8 clients, <= 6 rounds, noise on).
 import json
 import re
 import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -341,3 +343,15 @@ def test_a_run_whose_server_step_overflows_stops_naming_the_rounds(tmp_path):
   with pytest.raises(ValueError, match=r"rounds 1-2: the server model became NaN or inf"):
     runner.run(config, tmp_path, progress=False)
   assert not (tmp_path / "summary.json").exists()
+
+
+def test_time_counted_as_compile_is_not_training_time():
+  """A block on the compile clock (the trainer's ahead-of-time compile) moves its whole
+  wall time, JAX's compile events inside it included once, out of training time."""
+  with runner._stopwatch() as times:
+    with runner._counted_as_compile():
+      jax.jit(lambda x: x * 3 + 1).lower(jnp.ones(7)).compile()  # Emits compile events.
+      time.sleep(0.05)  # Host time outside any event.
+    time.sleep(0.02)  # Training.
+  assert times["compile"] >= 0.05
+  assert times["compile"] <= times["wall"] - 0.02
