@@ -270,8 +270,7 @@ def _finalize(aggregator: Aggregator, state: ServerState, summed, total_weight,
   """
   args = (state.aggregator_state, summed, total_weight, ctx)
   finalize = lambda args: aggregator.finalize(*args)
-  size = lambda tree: sum(jnp.size(leaf) for leaf in jax.tree.leaves(tree))
-  if size(state.aggregator_state) > size(summed):
+  if tree_util.num_parameters(state.aggregator_state) > tree_util.num_parameters(summed):
     return finalize(args)
   apart = lambda round_index, args: jax.lax.cond(round_index >= 0, finalize, finalize, args)
   return jax.lax.platform_dependent(state.round, args, cpu=apart,
